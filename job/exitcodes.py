@@ -1,0 +1,32 @@
+"""Exit codes of `qlora-job`: the one definition that the README, the Kubernetes manifests and the tests use.
+
+Two families matter to whoever retries a run:
+- PERMANENT: the same inputs will fail again (bad config, bad data, a model that can't be loaded, out of memory);
+  a Kubernetes Job fails at once on these (podFailurePolicy action FailJob).
+- RETRYABLE: the environment failed (storage or network error, the pod was asked to stop); a retry with the same
+  run id continues from the last uploaded checkpoint.
+"""
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    #: An unexpected error (a bug): retried up to the Job's backoffLimit.
+    INTERNAL = 1
+    #: Invalid or unknown JOB_ variable, or bad command-line arguments.
+    CONFIG = 2
+    #: Training or eval data missing, unreadable or malformed (the message names file and row).
+    DATA = 3
+    #: The base model or adapter can't be used (not found, no safetensors weights, remote code not allowed, mismatch).
+    MODEL = 4
+    #: Out of GPU memory with this configuration: lower the batch size or max length.
+    OOM = 5
+    #: Storage or network failure after the client's own retries (S3, Hugging Face Hub): retry.
+    TRANSIENT = 75  # EX_TEMPFAIL
+    #: Stopped by SIGTERM/SIGINT (spot reclaim, node drain); a checkpoint was uploaded if training had started: retry.
+    PREEMPTED = 143  # 128 + SIGTERM, what a killed process would report anyway
+
+
+PERMANENT = frozenset({ExitCode.CONFIG, ExitCode.DATA, ExitCode.MODEL, ExitCode.OOM})
+RETRYABLE = frozenset({ExitCode.TRANSIENT, ExitCode.PREEMPTED})
