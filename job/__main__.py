@@ -1,0 +1,81 @@
+"""Command line: `python -m job` (or `qlora-job`).
+
+    qlora-job                  run the stage configured by JOB_* variables
+    qlora-job --check          validate config and data, print dataset stats (downloads data and tokenizer only)
+    qlora-job --print-config   print the resolved configuration, secrets masked
+    qlora-job demo [DIR]       SFT then DPO of a tiny model on built-in data, on CPU, in a couple of minutes
+
+Exit codes: see job/exitcodes.py (0 ok, 1 internal, 2 config, 3 data, 4 model, 5 GPU OOM, 75 transient, 143 stopped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from job import logs
+from job.errors import JobError
+from job.exitcodes import ExitCode
+
+log = logging.getLogger("job")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qlora-job",
+        description="Fine-tune an LLM with 4-bit QLoRA (one SFT or DPO stage), configured by JOB_* environment variables.",
+        epilog="Exit codes: " + ", ".join(f"{c.value} {c.name.lower()}" for c in ExitCode) + ". See README.md for every variable.",
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="validate config and data and print dataset stats; no model, no training")
+    mode.add_argument("--print-config", action="store_true", help="print the resolved configuration (secrets masked) and exit")
+    p.add_argument("command", nargs="?", choices=["demo"], help="demo: run SFT then DPO on a tiny built-in model and data (CPU)")
+    p.add_argument("demo_dir", nargs="?", default="qlora-demo", help="where the demo writes its model, data and outputs")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from job.settings import load_settings, secret_values
+
+    logs.setup("auto", secret_values())
+    try:
+        if args.command == "demo":
+            from job.demo import run_demo
+
+            return run_demo(args.demo_dir)
+        settings = load_settings()
+        if args.print_config:
+            print(json.dumps(settings.masked(), ensure_ascii=False, indent=2))
+            return ExitCode.OK
+        progress_bar = not logs.setup(settings.log_format, secret_values())
+        from job import pipeline
+
+        if args.check:
+            print(json.dumps(pipeline.check(settings), ensure_ascii=False, indent=2))
+            return ExitCode.OK
+        from job.checkpoints import StopSignal
+
+        stop = StopSignal()
+        stop.install()
+        pipeline.run(settings, stop=stop, progress_bar=progress_bar)
+        return ExitCode.OK
+    except JobError as exc:
+        log.error("%s", exc, extra={"fields": {"event": "error", "exit_code": int(exc.exit_code), "error": type(exc).__name__}})
+        return exc.exit_code
+    except Exception as exc:
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            log.error("out of GPU memory: lower JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE or JOB_TRAIN__MAX_LENGTH, or keep "
+                      "JOB_TRAIN__GRADIENT_CHECKPOINTING=true", extra={"fields": {"event": "error", "exit_code": int(ExitCode.OOM)}})
+            return ExitCode.OOM
+        log.exception("internal error (a bug; please report it): %s", type(exc).__name__,
+                      extra={"fields": {"event": "error", "exit_code": int(ExitCode.INTERNAL)}})
+        return ExitCode.INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Surviving spot reclaims: checkpoints go to storage as they are written, SIGTERM saves one more and stops, and
+a new pod with the same run id continues from the latest complete one.
+
+A remote checkpoint is complete when its `_COMPLETE` marker exists (uploaded after its files); older ones are
+deleted once a newer one is complete, so storage holds one.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from job import storage
+from job.errors import Preempted
+
+log = logging.getLogger(__name__)
+
+MARKER = "_COMPLETE"
+
+
+class StopSignal:
+    """SIGTERM/SIGINT handling. Before training: stop at once. During training: finish the step, save, upload, stop."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self.training = False
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.received or not self.training:
+            raise Preempted(f"{name} received; stopping" + (" (second signal)" if self.received else " before training started"))
+        self.received = name
+        log.warning("%s received: saving a checkpoint after this step, then stopping", name)
+
+
+class CheckpointCallback(TrainerCallback):
+    """Uploads each checkpoint the trainer saves; turns a stop signal into save-and-stop at the next step end."""
+
+    def __init__(self, remote: storage.Uri, stop: StopSignal, token: str | None):
+        self.remote, self.stop, self.token = remote, stop, token
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.stop.received:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        name = f"checkpoint-{state.global_step}"
+        local = Path(args.output_dir) / name
+        target = self.remote.join(name)
+        storage.push(local, target, self.token)
+        marker = local / MARKER
+        marker.write_text(f"{state.global_step}\n")
+        storage.push(marker, target.join(MARKER), self.token)
+        log.info("checkpoint %s uploaded to %s", name, target)
+        for old in complete_checkpoints(self.remote, self.token)[:-1]:
+            storage.delete(self.remote.join(old), self.token)
+
+
+def complete_checkpoints(remote: storage.Uri, token: str | None) -> list[str]:
+    """Names of the complete remote checkpoints, oldest first."""
+    names = storage.list_names(remote, token)
+    steps = sorted(int(m.group(1)) for n in names if (m := re.fullmatch(rf"checkpoint-(\d+)/{MARKER}", n)))
+    return [f"checkpoint-{s}" for s in steps]
+
+
+def pull_latest(remote: storage.Uri, local_dir: Path, token: str | None) -> Path | None:
+    """Download the latest complete checkpoint, if any; returns its local directory."""
+    done = complete_checkpoints(remote, token)
+    if not done:
+        return None
+    name = done[-1]
+    path, _ = storage.pull(remote.join(name + "/"), local_dir / name, token=token)
+    log.info("resuming from %s", remote.join(name))
+    return path

@@ -1,0 +1,38 @@
+"""Errors that end a run with a specific exit code (see job/exitcodes.py). Messages are for users: they name the
+variable, file and row, and never contain a secret."""
+
+from job.exitcodes import ExitCode
+
+
+class JobError(Exception):
+    exit_code = ExitCode.INTERNAL
+
+
+class ConfigError(JobError):
+    """Invalid configuration; the message names every bad variable."""
+
+    exit_code = ExitCode.CONFIG
+
+
+class DataError(JobError):
+    """Unreadable or malformed data; the message names the file, the row and the problem."""
+
+    exit_code = ExitCode.DATA
+
+
+class ModelError(JobError):
+    """The base model or adapter can't be used."""
+
+    exit_code = ExitCode.MODEL
+
+
+class TransientError(JobError):
+    """Storage or network failed after the clients' own retries; running again may succeed."""
+
+    exit_code = ExitCode.TRANSIENT
+
+
+class Preempted(JobError):
+    """SIGTERM/SIGINT: the pod is being stopped. A checkpoint was uploaded if training had started."""
+
+    exit_code = ExitCode.PREEMPTED

@@ -1,0 +1,142 @@
+"""Tokenizer, prompt format, quantized base model and LoRA adapter.
+
+    >>> tok, fmt = load_tokenizer(Path("/models/llm-jp-3-13b"), None, "auto")
+    >>> model = load_base_model(Path("/models/llm-jp-3-13b"), settings)   # NF4 4-bit, bf16 compute
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from job.errors import ModelError
+from job.settings import JobSettings, LoraSettings, QuantSettings
+
+log = logging.getLogger(__name__)
+
+#: The prompt format when the model has no chat template (the seed notebook's): `### 指示\n{prompt}\n### 回答\n{answer}<eos>`.
+#: It is set as the tokenizer's chat template and saved with the adapter, so `tokenizer.apply_chat_template(messages,
+#: add_generation_prompt=True)` at inference reproduces exactly what training saw. A system message, if any, comes first.
+INSTRUCTION_TEMPLATE = (
+    "{{ bos_token if bos_token else '' }}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}{% if not loop.first and messages[loop.index0 - 1]['role'] != 'system' %}\n{% endif %}"
+    "### 指示\n{{ m['content'] }}\n"
+    "{% elif m['role'] == 'assistant' %}### 回答\n{{ m['content'] }}{{ eos_token }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}### 回答\n{% endif %}"
+)
+
+#: Only these files are fetched for a base model: weights as safetensors (never pickles), configs, tokenizer.
+MODEL_FILES = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "*.tiktoken", "vocab*", "merges.txt", "chat_template*", "config.json"]
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "tokenizer*", "special_tokens_map.json", "chat_template*", "prompt_format.json", "*.model"]
+
+
+def load_tokenizer(model_dir: Path, adapter_dir: Path | None, prompt_format: str):
+    """The tokenizer and the name of the prompt format in use.
+
+    Continuing an adapter (DPO after SFT) reuses the tokenizer saved with it, so both stages use the same format.
+    """
+    from transformers import AutoTokenizer
+
+    source = adapter_dir if adapter_dir and (adapter_dir / "tokenizer_config.json").exists() else model_dir
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except Exception as exc:
+        raise ModelError(f"{source}: can't load the tokenizer ({type(exc).__name__}: {exc})") from None
+    if tok.eos_token is None:
+        raise ModelError(f"{source}: the tokenizer has no EOS token; training examples must end with one")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # padding is masked out of the loss; any id works
+    if source == adapter_dir and tok.chat_template:
+        saved = adapter_dir / "prompt_format.json"
+        return tok, json.loads(saved.read_text(encoding="utf-8"))["name"] if saved.exists() else "chat_template"
+    if prompt_format == "chat_template" and not tok.chat_template:
+        raise ModelError(f"{model_dir}: JOB_PROMPT_FORMAT=chat_template but the model has no chat template")
+    if prompt_format == "instruction" or not tok.chat_template:
+        tok.chat_template = INSTRUCTION_TEMPLATE
+        return tok, "instruction"
+    return tok, "chat_template"
+
+
+def quantization_config(q: QuantSettings):
+    from transformers import BitsAndBytesConfig
+
+    if q.load_in == "none":
+        return None
+    if q.load_in == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+        # Keeps the packed 4-bit weights in the compute dtype, which FSDP needs to shard them; harmless otherwise.
+        bnb_4bit_quant_storage=getattr(torch, q.compute_dtype),
+    )
+
+
+def device_for_rank() -> str:
+    import os
+
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def load_base_model(model_dir: Path, settings: JobSettings):
+    from transformers import AutoModelForCausalLM
+
+    if not any(model_dir.glob("*.safetensors")):
+        raise ModelError(f"{model_dir}: no *.safetensors weights (pickled .bin/.pt weights are not loaded)")
+    device = device_for_rank()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir,
+            quantization_config=quantization_config(settings.quant),
+            dtype=getattr(torch, settings.quant.compute_dtype),
+            use_safetensors=True,
+            trust_remote_code=settings.trust_remote_code,
+            attn_implementation="sdpa",
+            device_map={"": device},
+        )
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelError(f"{model_dir}: the model needs custom code; set JOB_TRUST_REMOTE_CODE=true if you trust it") from None
+        raise ModelError(f"{model_dir}: can't load the model: {exc}") from None
+    except OSError as exc:
+        raise ModelError(f"{model_dir}: can't load the model: {exc}") from None
+    model.config.use_cache = False  # the KV cache is useless in training and conflicts with gradient checkpointing
+    return model
+
+
+def lora_config(lora: LoraSettings):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.modules(),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_adapter(model, adapter_dir: Path):
+    """The base model with an existing adapter, trainable."""
+    from peft import PeftModel
+
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise ModelError(f"{adapter_dir}: not a PEFT adapter (no adapter_config.json)")
+    if not (adapter_dir / "adapter_model.safetensors").exists():
+        raise ModelError(f"{adapter_dir}: no adapter_model.safetensors (pickled adapter weights are not loaded)")
+    try:
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+    except Exception as exc:
+        raise ModelError(f"{adapter_dir}: the adapter does not fit the base model: {type(exc).__name__}: {exc}") from None

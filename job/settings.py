@@ -1,0 +1,295 @@
+"""The job's configuration: the only module that reads the environment.
+
+Every setting is a `JOB_` variable; groups nest with `__` (`JOB_LORA__R=16`, `JOB_TRAIN__LEARNING_RATE=1e-4`).
+Standard variables keep their standard names and are read by their own clients: `HF_TOKEN`/`HF_HOME` by
+huggingface_hub, the AWS credential chain and `AWS_ENDPOINT_URL(_S3)` by boto3.
+
+    >>> from job.settings import load_settings
+    >>> s = load_settings({"JOB_STAGE": "sft", "JOB_BASE_MODEL": "hf://llm-jp/llm-jp-3-13b",
+    ...                    "JOB_DATA": "s3://bucket/sft.jsonl", "JOB_OUTPUT": "s3://bucket/runs"})
+    >>> s.lora.r, s.quant.load_in
+    (16, '4bit')
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import re
+import secrets
+import tempfile
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+
+from job.errors import ConfigError
+
+PREFIX = "JOB_"
+DELIM = "__"
+
+#: Environment variables whose values are secrets: never printed, and redacted from logs if they leak into a message.
+SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+_environ: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar("job_environ", default=None)
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSettings(_Group):
+    """`JOB_LORA__*`: the LoRA adapter (ignored when `JOB_ADAPTER` continues an existing one)."""
+
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    #: Comma-separated module names, or `all-linear` (every linear layer except the output head).
+    target_modules: str = "all-linear"
+
+    @field_validator("target_modules")
+    @classmethod
+    def _modules(cls, v: str) -> str:
+        names = [m.strip() for m in v.split(",") if m.strip()]
+        if not names:
+            raise ValueError("must name at least one module, or be 'all-linear'")
+        return ",".join(names)
+
+    def modules(self) -> str | list[str]:
+        return "all-linear" if self.target_modules == "all-linear" else self.target_modules.split(",")
+
+
+class QuantSettings(_Group):
+    """`JOB_QUANT__*`: how the frozen base model is stored. The default is QLoRA's: NF4, double quantization, bf16 compute."""
+
+    load_in: Literal["4bit", "8bit", "none"] = "4bit"
+    type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class TrainSettings(_Group):
+    """`JOB_TRAIN__*`: passed to TRL's SFTConfig/DPOConfig under the same (transformers/TRL) names."""
+
+    learning_rate: float = Field(2e-4, gt=0)
+    num_train_epochs: float = Field(1.0, gt=0)
+    #: Overrides the number of epochs when > 0.
+    max_steps: int = -1
+    per_device_train_batch_size: int = Field(4, gt=0)
+    per_device_eval_batch_size: int = Field(4, gt=0)
+    gradient_accumulation_steps: int = Field(4, gt=0)
+    #: Longest training sequence in tokens (SFT: prompt + answer; DPO: prompt + the longer answer).
+    max_length: int = Field(1024, gt=0)
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    lr_scheduler_type: str = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    #: `auto`: fused AdamW on a GPU (LoRA's optimizer state is small), plain AdamW on CPU. Any transformers name works,
+    #: e.g. `paged_adamw_8bit` for the low-memory setting.
+    optim: str = "auto"
+    seed: int = 42
+    logging_steps: int = Field(10, gt=0)
+    #: Steps between uploaded checkpoints (the unit of work a spot reclaim can lose); 0 turns them off.
+    save_steps: int = Field(100, ge=0)
+    #: Steps between evaluations when there is eval data; 0 evaluates once, at the end.
+    eval_steps: int = Field(0, ge=0)
+    #: `none`, or a comma-separated list of integrations (`tensorboard`, `wandb`, `mlflow`, ...).
+    report_to: str = "none"
+    gradient_checkpointing: bool = True
+    #: SFT only: pack several examples into one row (no attention across examples; padding-free).
+    packing: bool = True
+    #: Use Liger's fused kernels (fused linear cross-entropy) when the package is installed and a GPU is present.
+    use_liger_kernel: bool = True
+    #: bf16 autocast for the trainable parts; `auto` = on when the GPU supports it.
+    bf16: Literal["auto", "true", "false"] = "auto"
+
+    @field_validator("report_to")
+    @classmethod
+    def _report_to(cls, v: str) -> str:
+        return ",".join(x.strip() for x in v.split(",") if x.strip()) or "none"
+
+
+class DpoSettings(_Group):
+    """`JOB_DPO__*`: DPO-only settings (TRL names)."""
+
+    beta: float = Field(0.1, gt=0)
+    loss_type: str = "sigmoid"
+
+
+class ColumnSettings(_Group):
+    """`JOB_COLUMNS__*`: names of the columns in your data when they differ from the recognised ones."""
+
+    prompt: str | None = None
+    completion: str | None = None
+    input: str | None = None
+    messages: str | None = None
+    chosen: str | None = None
+    rejected: str | None = None
+
+
+class JobSettings(BaseSettings):
+    """All of a run's settings. Required variables have no default."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=PREFIX,
+        env_nested_delimiter=DELIM,
+        case_sensitive=False,
+        extra="forbid",
+        validate_default=True,
+        env_ignore_empty=True,
+    )
+
+    stage: Literal["sft", "dpo"]
+    #: `hf://org/model[@revision]` (or `org/model`), `s3://bucket/prefix/`, or a local directory.
+    base_model: str
+    #: A file or prefix: `s3://bucket/key`, `s3://bucket/prefix/`, `hf://datasets/org/name[@revision]`, local path.
+    data: str
+    #: Where `{run_id}/` is written: `s3://bucket/prefix`, `hf://org/repo`, or a local directory.
+    output: str
+    eval_data: str | None = None
+    #: Held-out fraction of JOB_DATA used for evaluation when JOB_EVAL_DATA is not set.
+    eval_fraction: float = Field(0.0, ge=0, lt=1)
+    #: Start from this existing adapter (for DPO after SFT it is also the frozen reference).
+    adapter: str | None = None
+    run_id: str | None = None
+    #: `auto`: the model's chat template if it has one, else the `instruction` format
+    #: (`### 指示\n{prompt}\n### 回答\n{answer}<eos>`). `chat_template` requires the model's template.
+    prompt_format: Literal["auto", "chat_template", "instruction"] = "auto"
+    #: Local scratch directory for downloads and checkpoints.
+    workdir: str = Field(default_factory=lambda: os.path.join(tempfile.gettempdir(), "qlora-job"))
+    trust_remote_code: bool = False
+    #: `auto`: a progress bar on a terminal, JSON lines otherwise.
+    log_format: Literal["auto", "json", "text"] = "auto"
+    lora: LoraSettings = LoraSettings()
+    quant: QuantSettings = QuantSettings()
+    train: TrainSettings = TrainSettings()
+    dpo: DpoSettings = DpoSettings()
+    columns: ColumnSettings = ColumnSettings()
+    #: Read from the standard `HF_TOKEN`; passed to huggingface_hub explicitly and never printed.
+    hf_token: SecretStr | None = Field(None, validation_alias=AliasChoices("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"))
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", v):
+            raise ValueError("use letters, digits, '.', '_' and '-' (at most 128, starting with a letter or digit)")
+        return v
+
+    @field_validator("base_model", "data", "output", "eval_data", "adapter")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from job.storage import parse_uri  # the URI grammar lives with the code that uses it
+
+        parse_uri(v.strip())  # raises ValueError with the reason
+        return v.strip()
+
+    @model_validator(mode="after")
+    def _cross(self) -> JobSettings:
+        if self.eval_data and self.eval_fraction:
+            raise ValueError("set JOB_EVAL_DATA or JOB_EVAL_FRACTION, not both")
+        return self
+
+    def resolved_run_id(self) -> str:
+        return self.run_id or default_run_id()
+
+    def masked(self) -> dict[str, Any]:
+        """The resolved config as plain data, secrets replaced by '***' (what --print-config and run.json show)."""
+        data = self.model_dump(mode="json")
+        data["hf_token"] = "***" if self.hf_token else None
+        return data
+
+
+def default_run_id(now: datetime | None = None) -> str:
+    """Unique and sortable: UTC time to the second plus 6 random hex digits."""
+    now = now or datetime.now(timezone.utc)
+    return f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+class _MappingEnvSource(EnvSettingsSource):
+    """The env source, reading the mapping given to load_settings (os.environ by default)."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        env = _environ.get()
+        if env is None:
+            return super()._load_env_vars()
+        return {k.lower(): v for k, v in env.items() if not (self.env_ignore_empty and v == "")}
+
+
+def _settings_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+    return (init_settings, _MappingEnvSource(settings_cls))
+
+
+JobSettings.settings_customise_sources = classmethod(_settings_sources)  # type: ignore[assignment]
+
+
+def _known_env_names() -> set[str]:
+    names = set()
+    for name, field in JobSettings.model_fields.items():
+        if name == "hf_token":
+            continue
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            names.add(f"{PREFIX}{name}".upper())  # a whole group as JSON is allowed by pydantic-settings
+            names.update(f"{PREFIX}{name}{DELIM}{sub}".upper() for sub in ann.model_fields)
+        else:
+            names.add(f"{PREFIX}{name}".upper())
+    return names
+
+
+def _env_name(loc: tuple) -> str:
+    if loc and loc[0] == "hf_token":
+        return "HF_TOKEN"
+    return PREFIX + DELIM.join(str(p) for p in loc).upper()
+
+
+def _suggest(name: str, known: set[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> JobSettings:
+    """Build the settings from `environ` (default: the process environment).
+
+    Raises ConfigError naming every missing, invalid or unknown JOB_ variable at once; values of secret
+    variables and of unknown variables (a mistyped secret, say) are never included.
+    """
+    env = dict(os.environ if environ is None else environ)
+    known = _known_env_names()
+    problems: list[str] = []
+    for name in sorted(k for k in env if k.upper().startswith(PREFIX)):
+        if name.upper() not in known:
+            problems.append(f"{name}: unknown variable{_suggest(name.upper(), known)}")
+    token = _environ.set(env)
+    try:
+        settings = JobSettings()
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            if err["type"] == "extra_forbidden":
+                continue  # already reported as unknown above, by its variable name
+            name = _env_name(loc) if loc else "configuration"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "missing":
+                msg = "required, not set"
+            elif loc and loc[0] != "hf_token" and isinstance(err.get("input"), (str, int, float)):
+                msg += f" (got {err['input']!r})"
+            problems.append(f"{name}: {msg}")
+        settings = None
+    finally:
+        _environ.reset(token)
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    assert settings is not None
+    return settings
+
+
+def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Values of the standard secret variables present, for redacting logs and errors."""
+    env = os.environ if environ is None else environ
+    return [env[k] for k in SECRET_ENV_VARS if env.get(k) and len(env[k]) >= 4]

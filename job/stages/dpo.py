@@ -1,0 +1,39 @@
+"""Direct preference optimisation: TRL's DPOTrainer on prompt/chosen/rejected triples.
+
+With JOB_ADAPTER (e.g. the SFT run's adapter) the policy starts from that adapter and the reference is a frozen copy
+of it (TRL's "ref" adapter), not the bare base model; without it a new LoRA adapter is trained against the base.
+
+    JOB_STAGE=dpo JOB_ADAPTER=s3://bucket/runs/sft-v1/adapter/ JOB_BASE_MODEL=hf://llm-jp/llm-jp-3-13b \
+        JOB_DATA=s3://bucket/preferences.csv JOB_OUTPUT=s3://bucket/runs python -m job
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from job.settings import JobSettings
+from job.stages.common import training_args
+
+
+def build_trainer(s: JobSettings, model, tokenizer, train_ds, eval_ds, checkpoint_dir: Path, callbacks, *, progress_bar: bool):
+    from trl import DPOConfig, DPOTrainer
+
+    from job.model import lora_config
+
+    args = DPOConfig(
+        **training_args(s, checkpoint_dir, has_eval=eval_ds is not None, progress_bar=progress_bar),
+        beta=s.dpo.beta,
+        loss_type=[s.dpo.loss_type],
+        dataset_num_proc=1,
+    )
+    # A PeftModel (JOB_ADAPTER) makes TRL copy its adapter into a frozen "ref" adapter; a bare model gets a new one.
+    peft_config = None if hasattr(model, "peft_config") else lora_config(s.lora)
+    return DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
