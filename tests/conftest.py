@@ -1,0 +1,111 @@
+"""Fixtures: a tiny random-weight Llama built locally (no downloads), a real S3-compatible server on loopback
+(moto's standalone server), and a helper that runs `python -m job` as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_DATA = ROOT / "job" / "demo_data"
+FAKE_SECRET = "hf_SECRETtoken1234567890abcdef"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from job.demo import build_tiny_model, demo_texts
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", demo_texts(DEMO_DATA))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 HTTP endpoint on 127.0.0.1; yields its URL."""
+    port = _free_port()
+    exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        raise RuntimeError("moto_server did not start")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret-key", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, request):
+    """A boto3 client on the test server, with a fresh bucket named after the test; env set for in-process code."""
+    import boto3
+
+    env = {**AWS_ENV, "AWS_ENDPOINT_URL": s3_server}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
+                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    import re
+    import uuid
+
+    bucket = re.sub(r"[^a-z0-9-]", "-", request.node.originalname.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+    client.create_bucket(Bucket=bucket)
+    client.env = env
+    client.bucket = bucket
+    return client
+
+
+def upload_dir(client, bucket: str, src: Path, prefix: str) -> None:
+    for p in sorted(src.rglob("*")):
+        if p.is_file():
+            client.upload_file(str(p), bucket, f"{prefix.rstrip('/')}/{p.relative_to(src).as_posix()}")
+
+
+def keys(client, bucket: str, prefix: str = "") -> list[str]:
+    out = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        out += [o["Key"] for o in page.get("Contents", [])]
+    return sorted(out)
+
+
+def job_env(**extra: str) -> dict:
+    """A clean environment for a `python -m job` subprocess: no JOB_ variables from the outside, quiet and fast."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JOB_", "AWS_", "HF_TOKEN"))}
+    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"})
+    env.update(extra)
+    return env
+
+
+def run_job(env: dict, *args: str, timeout: int = 600, **popen) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "job", *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT, **popen)
+
+
+def json_lines(stderr: str) -> list[dict]:
+    out = []
+    for line in stderr.splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out

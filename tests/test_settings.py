@@ -1,0 +1,92 @@
+import json
+
+import pytest
+
+from job.errors import ConfigError
+from job.exitcodes import ExitCode
+from job.settings import load_settings
+
+from conftest import FAKE_SECRET, job_env, run_job
+
+BASE = {"JOB_STAGE": "sft", "JOB_BASE_MODEL": "hf://llm-jp/llm-jp-3-13b", "JOB_DATA": "s3://bucket/sft.jsonl", "JOB_OUTPUT": "s3://bucket/runs"}
+
+
+def test_defaults_are_qlora():
+    s = load_settings(BASE)
+    assert (s.quant.load_in, s.quant.type, s.quant.double_quant, s.quant.compute_dtype) == ("4bit", "nf4", True, "bfloat16")
+    assert s.lora.modules() == "all-linear"
+    assert s.train.max_steps == -1 and s.adapter is None
+
+
+def test_nested_groups_and_types():
+    s = load_settings({**BASE, "JOB_LORA__R": "64", "JOB_TRAIN__LEARNING_RATE": "1e-4", "JOB_LORA__TARGET_MODULES": "q_proj, v_proj",
+                       "JOB_QUANT__LOAD_IN": "8bit", "JOB_DPO__BETA": "0.2"})
+    assert s.lora.r == 64 and s.train.learning_rate == 1e-4 and s.lora.modules() == ["q_proj", "v_proj"]
+    assert s.quant.load_in == "8bit" and s.dpo.beta == 0.2
+
+
+def test_every_missing_required_variable_is_named_at_once():
+    with pytest.raises(ConfigError) as e:
+        load_settings({})
+    for name in ("JOB_STAGE", "JOB_BASE_MODEL", "JOB_DATA", "JOB_OUTPUT"):
+        assert f"{name}: required" in str(e.value)
+
+
+def test_unknown_and_invalid_variables_are_named_together():
+    with pytest.raises(ConfigError) as e:
+        load_settings({**BASE, "JOB_TRAIN__LEARNIG_RATE": "1e-4", "JOB_LORA__R": "sixteen", "JOB_STAGE": "ppo", "JOB_FOO": "1"})
+    msg = str(e.value)
+    assert "JOB_TRAIN__LEARNIG_RATE: unknown variable (did you mean JOB_TRAIN__LEARNING_RATE?)" in msg
+    assert "JOB_FOO: unknown variable" in msg
+    assert "JOB_LORA__R:" in msg and "'sixteen'" in msg
+    assert "JOB_STAGE:" in msg and "'ppo'" in msg
+
+
+def test_bad_uri_is_rejected_with_the_variable():
+    with pytest.raises(ConfigError, match=r"JOB_DATA: .*unsupported scheme"):
+        load_settings({**BASE, "JOB_DATA": "gs://bucket/x.jsonl"})
+    with pytest.raises(ConfigError, match=r"JOB_BASE_MODEL: .*hf://org/name"):
+        load_settings({**BASE, "JOB_BASE_MODEL": "hf://just-a-name"})
+
+
+def test_cross_field_check():
+    with pytest.raises(ConfigError, match="JOB_EVAL_DATA or JOB_EVAL_FRACTION"):
+        load_settings({**BASE, "JOB_EVAL_DATA": "s3://bucket/eval.jsonl", "JOB_EVAL_FRACTION": "0.1"})
+
+
+def test_run_id_default_is_unique_and_sortable():
+    s = load_settings(BASE)
+    a, b = s.resolved_run_id(), s.resolved_run_id()
+    assert a != b and a[:15] == b[:15] and a[8] == "-"
+    with pytest.raises(ConfigError, match="JOB_RUN_ID"):
+        load_settings({**BASE, "JOB_RUN_ID": "../escape"})
+
+
+def test_secrets_never_echoed_in_errors_or_config():
+    with pytest.raises(ConfigError) as e:
+        # a secret in a mistyped variable name must not be echoed either
+        load_settings({**BASE, "HF_TOKEN": FAKE_SECRET, "JOB_HF_TOKEN": FAKE_SECRET, "JOB_LORA__R": "x"})
+    assert FAKE_SECRET not in str(e.value)
+    s = load_settings({**BASE, "HF_TOKEN": FAKE_SECRET})
+    assert s.hf_token.get_secret_value() == FAKE_SECRET
+    assert FAKE_SECRET not in json.dumps(s.masked()) and s.masked()["hf_token"] == "***"
+
+
+def test_cli_print_config_masks_and_invalid_config_exits_2():
+    r = run_job(job_env(**BASE, HF_TOKEN=FAKE_SECRET), "--print-config")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads(r.stdout)
+    assert cfg["stage"] == "sft" and cfg["hf_token"] == "***"
+    assert FAKE_SECRET not in r.stdout + r.stderr
+
+    r = run_job(job_env(HF_TOKEN=FAKE_SECRET, JOB_STAGE="sft", JOB_TRAIN__MAX_STEP="5"))
+    assert r.returncode == ExitCode.CONFIG
+    for name in ("JOB_TRAIN__MAX_STEP: unknown variable (did you mean JOB_TRAIN__MAX_STEPS?)", "JOB_DATA: required", "JOB_OUTPUT: required"):
+        assert name in r.stderr
+    assert "Traceback" not in r.stderr and FAKE_SECRET not in r.stderr
+
+
+def test_cli_help_lists_exit_codes():
+    r = run_job(job_env(), "--help")
+    assert r.returncode == 0
+    assert "--check" in r.stdout and "--print-config" in r.stdout and "75 transient" in r.stdout
