@@ -1,0 +1,41 @@
+import json
+import re
+from pathlib import Path
+
+from job.exitcodes import PERMANENT, RETRYABLE, ExitCode
+
+from conftest import DEMO_DATA, job_env, run_job
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_exit_code_table_matches_the_code():
+    rows = dict(re.findall(r"^\| (\d+) \| (\w+) \|", (ROOT / "README.md").read_text(encoding="utf-8"), re.M))
+    assert {int(k): v for k, v in rows.items()} == {c.value: c.name.lower() for c in ExitCode}
+    assert not PERMANENT & RETRYABLE and ExitCode.OK not in PERMANENT | RETRYABLE
+
+
+def test_check_reports_stats_without_loading_the_model(tiny_model, tmp_path):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for f in tiny_model.iterdir():  # a model directory whose weights would fail to load: --check must not touch them
+        (model_dir / f.name).write_bytes(b"not weights" if f.suffix == ".safetensors" else f.read_bytes())
+    r = run_job(job_env(JOB_STAGE="sft", JOB_BASE_MODEL=str(model_dir), JOB_DATA=str(DEMO_DATA / "sft.jsonl"),
+                        JOB_OUTPUT=str(tmp_path / "out"), JOB_WORKDIR=str(tmp_path / "w"), JOB_TRAIN__MAX_LENGTH="40"), "--check")
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(r.stdout)
+    assert report["train"]["records"] == 24 and report["prompt_format"] == "instruction"
+    assert 0 < report["train"]["tokens_p50"] <= report["train"]["tokens_max"]
+    assert report["train"]["over_max_length"] > 0 and "longer than JOB_TRAIN__MAX_LENGTH=40" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_check_fails_on_bad_data_with_exit_3(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "Q", "output": ""}\n', encoding="utf-8")
+    r = run_job(job_env(JOB_STAGE="sft", JOB_BASE_MODEL=str(tmp_path), JOB_DATA=str(tmp_path / "d.jsonl"),
+                        JOB_OUTPUT=str(tmp_path / "out")), "--check")
+    assert r.returncode == ExitCode.DATA and "d.jsonl: row 1: field 'output' is empty" in r.stderr
+
+
+def test_unknown_command_is_a_usage_error():
+    assert run_job(job_env(), "train").returncode == ExitCode.CONFIG
