@@ -1,0 +1,46 @@
+#!/bin/sh
+# Entrypoint of the qlora-job image (PID 1 is tini, which passes signals on). It checks the writable directories and
+# then `exec`s, so that the job itself receives SIGTERM (it saves a checkpoint and exits 143).
+#
+#   (no arguments)                     run the stage set by JOB_*: one process, or one per visible GPU (torchrun)
+#   --help | --print-config | --check | demo [DIR]    passed to `python -m job` as given, in one process
+#   any other command (bash, python, ...)             run as it is
+#
+# NPROC_PER_NODE sets the number of processes (default: the number of GPUs visible to the container).
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT: seconds torchrun gives its processes to stop after SIGTERM (default here 120).
+set -eu
+
+case "${1:-}" in
+    -h | --help | --print-config) exec python -m job "$@" ;;
+    "" | -* | demo) ;;
+    *) exec "$@" ;;
+esac
+
+# On a read-only root filesystem these must be volumes or tmpfs mounts (the image declares them as volumes).
+for dir in "${TMPDIR:-/tmp}" "${HF_HOME:-$HOME/.cache/huggingface}" "${JOB_WORKDIR:-/tmp/qlora-job}"; do
+    mkdir -p "$dir" 2>/dev/null || true
+    if [ ! -w "$dir" ]; then
+        echo "entrypoint: $dir is not writable by uid $(id -u); mount a volume or tmpfs there that this user can write" \
+             "(e.g. --tmpfs $dir or -v NAME:$dir)" >&2
+        exit 2 # ExitCode.CONFIG
+    fi
+done
+
+if [ "$#" -gt 0 ]; then
+    exec python -m job "$@"
+fi
+
+# NVML counts the visible GPUs (CUDA_VISIBLE_DEVICES included) without starting CUDA in this short-lived process.
+nproc=${NPROC_PER_NODE:-$(PYTORCH_NVML_BASED_CUDA_CHECK=1 python -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)}
+case "$nproc" in
+    '' | *[!0-9]*)
+        echo "entrypoint: NPROC_PER_NODE must be a whole number, not '$nproc'" >&2
+        exit 2 # ExitCode.CONFIG
+        ;;
+esac
+
+if [ "$nproc" -gt 1 ]; then
+    echo "entrypoint: $nproc GPUs, starting one process per GPU (torchrun --standalone --nproc-per-node=$nproc)" >&2
+    exec python "$(dirname "$0")/launch.py" --standalone --nproc-per-node="$nproc" -m job
+fi
+exec python -m job
