@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # Run by /bin/sh in each pod of the Indexed Job (mounted from the qlora-sweep-grid ConfigMap).
 # Picks this pod's line of the grid, makes the run id <job name>-<index> and starts the job with that line's
 # settings. JOB_COMPLETION_INDEX is set by the Job controller; it is not a job setting, so it is removed from the
