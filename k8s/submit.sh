@@ -260,7 +260,7 @@ case " ${components[*]+"${components[*]}"} " in
 esac
 
 # `create`, not `apply`: a name that exists already is an error, never a silent reuse of another run's id.
-"$KUBECTL" create "${ns_args[@]+"${ns_args[@]}"}" -f "$rendered"
+"$KUBECTL" create "${ns_args[@]+"${ns_args[@]}"}" -f "$rendered" >&2  # stdout: only the run id
 
 # The ConfigMaps belong to this run: let the garbage collector delete them with the Job (ttlSecondsAfterFinished).
 uid="$("$KUBECTL" get "${ns_args[@]+"${ns_args[@]}"}" "$resource/$name" -o jsonpath='{.metadata.uid}')" || uid=""
