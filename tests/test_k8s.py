@@ -689,5 +689,13 @@ def test_github_workflow_submits_a_matrix_of_env_files():
     assert found
 
 
+def test_docs_table_has_every_exit_code():
+    text = (ROOT / "docs" / "kubernetes.md").read_text()
+    for code in ExitCode:
+        assert re.search(rf"^\| {int(code)} \| {code.name} \|", text, re.M), code
+    for overlay in OVERLAYS:
+        assert f"overlays/{overlay}" in text
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
