@@ -173,7 +173,7 @@ def _as_answer(value: Any, key: str, where: str) -> list[dict]:
     return msgs
 
 
-def _sft_format(keys: set[str], c: ColumnSettings) -> str:
+def _sft_format(keys: set[str], c: ColumnSettings) -> str | None:
     if c.messages or "messages" in keys:
         return "messages"
     if (c.prompt or "prompt") in keys and (c.completion or "completion") in keys:
@@ -184,7 +184,7 @@ def _sft_format(keys: set[str], c: ColumnSettings) -> str:
         return "text_output"
     if "input" in keys and "output" in keys:
         return "input_output"
-    raise DataError("")
+    return None
 
 
 def _sft_record(rec: dict, fmt: str, c: ColumnSettings, where: str) -> dict:
@@ -236,6 +236,7 @@ def load_records(path: Path, display: str, stage: str, columns: ColumnSettings) 
     records: list[dict] = []
     for file, name in data_files(path, display):
         fmt = None
+        before = len(records)
         for row, rec in read_rows(file, name, stage, columns):
             where = f"{name}: row {row}"
             if not isinstance(rec, dict):
@@ -244,19 +245,16 @@ def load_records(path: Path, display: str, stage: str, columns: ColumnSettings) 
                 records.append(_dpo_record(rec, columns, where))
                 continue
             if fmt is None:
-                try:
-                    fmt = _sft_format(set(rec), columns)
-                except DataError:
+                fmt = _sft_format(set(rec), columns)
+                if fmt is None:
                     raise DataError(
                         f"{where}: no recognised columns in {sorted(rec)}; expected text+output, instruction+output, "
                         "input+output, prompt+completion or messages (or map yours with JOB_COLUMNS__PROMPT and "
                         "JOB_COLUMNS__COMPLETION)"
-                    ) from None
+                    )
             records.append(_sft_record(rec, fmt, columns, where))
-        if fmt is None and stage == "sft" and not records:
-            raise DataError(f"{name}: no records")
-    if not records:
-        raise DataError(f"{display}: no records")
+        if len(records) == before:
+            raise DataError(f"{name}: no records (only a header or blank lines)")
     return records
 
 

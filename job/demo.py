@@ -56,6 +56,7 @@ def demo_texts(data_dir: Path) -> list[str]:
 
 def run_demo(directory: str) -> int:
     from job.exitcodes import ExitCode
+    from job.logs import use_json
     from job.pipeline import run
     from job.settings import load_settings
 
@@ -82,11 +83,12 @@ def run_demo(directory: str) -> int:
                          "JOB_TRAIN__MAX_LENGTH": "128"})
     for old in ("demo-sft", "demo-dpo"):
         shutil.rmtree(root / "runs" / old, ignore_errors=True)  # the demo always trains afresh
-    sft_out = run(sft)
+    bar = not use_json("auto")  # a progress bar on a terminal, JSON lines otherwise, as in a real run
+    sft_out = run(sft, progress_bar=bar)
     dpo = load_settings({**common, "JOB_STAGE": "dpo", "JOB_DATA": str(data_dir / "dpo.csv"), "JOB_RUN_ID": "demo-dpo",
                          "JOB_ADAPTER": str(Path(sft_out) / "adapter"), "JOB_TRAIN__NUM_TRAIN_EPOCHS": "3",
                          "JOB_TRAIN__LEARNING_RATE": "1e-3", "JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "2"})
-    dpo_out = run(dpo)
+    dpo_out = run(dpo, progress_bar=bar)
     lines = ["", "qlora-job demo finished.", ""]
     for name, out in (("SFT", sft_out), ("DPO", dpo_out)):
         m = json.loads((Path(out) / "metrics.json").read_text())

@@ -90,6 +90,9 @@ def final_metrics(stage: str, trainer, train_result, history: list[dict], eval_m
         # Non-padding tokens processed (TRL's num_tokens: prompt and answer, every epoch); per second of training.
         "tokens": tokens,
         "tokens_per_second": round(tokens / runtime, 2) if runtime and tokens else None,
+        # TRL gathers num_tokens over all processes: the line above is the total, this one per GPU (or CPU process).
+        "world_size": trainer.args.world_size,
+        "tokens_per_second_per_device": round(tokens / runtime / trainer.args.world_size, 2) if runtime and tokens else None,
         "peak_gpu_memory_gib": None,
         "peak_gpu_memory_reserved_gib": None,
     }

@@ -96,7 +96,7 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
     stop = stop or StopSignal()
     started = datetime.now(timezone.utc)
     t0 = time.monotonic()
-    run_id = s.resolved_run_id()
+    run_id = _same_on_every_process(s.resolved_run_id())
     token = _token(s)
     remote = storage.parse_uri(s.output).join(run_id)
 
@@ -107,26 +107,29 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
 
     workdir = Path(s.workdir) / run_id
     out = workdir / "out"
-    if out.exists():
-        shutil.rmtree(out)  # leftovers of an earlier attempt in this pod are never published
-    out.mkdir(parents=True)
+    with _first_process_per_node():
+        if out.exists():
+            shutil.rmtree(out)  # leftovers of an earlier attempt in this pod are never published
+        out.mkdir(parents=True, exist_ok=True)
     log.info("run %s: %s of %s -> %s", run_id, s.stage, s.base_model, remote,
              extra={"fields": {"event": "start", "run_id": run_id, "stage": s.stage, "output": str(remote)}})
 
-    # 2. Data first: bad data must fail before gigabytes of weights are downloaded or a GPU is warmed up.
-    inputs = read_data(s, workdir)
-    log.info("data: %d training and %d eval records", len(inputs.train), len(inputs.eval))
+    # 2-4 run on the node's first process first; the others then find the files in place (one download per node).
+    with _first_process_per_node():
+        # 2. Data first: bad data must fail before gigabytes of weights are downloaded or a GPU is warmed up.
+        inputs = read_data(s, workdir)
+        log.info("data: %d training and %d eval records", len(inputs.train), len(inputs.eval))
 
-    # 3. Model: 4-bit base, then the adapter to continue (DPO after SFT), with the tokenizer that matches it.
-    base_dir, adapter_dir, model_identity = pull_model(s, workdir)
+        # 3. Model: the base, then the adapter to continue (DPO after SFT), with the tokenizer that matches it.
+        base_dir, adapter_dir, model_identity = pull_model(s, workdir)
+
+        # 4. Resume: a pod retried with the same run id continues from the last uploaded checkpoint.
+        checkpoints = remote.join("checkpoints")
+        resume_from = pull_latest(checkpoints, workdir / "resume", token)
     tokenizer, prompt_format = load_tokenizer(base_dir, adapter_dir, s.prompt_format)
-    model = load_base_model(base_dir, s)
+    model = load_base_model(base_dir, s)  # 4-bit NF4 by default, on this process's GPU
     if adapter_dir:
         model = load_adapter(model, adapter_dir)
-
-    # 4. Resume: a pod retried with the same run id continues from the last uploaded checkpoint.
-    checkpoints = remote.join("checkpoints")
-    resume_from = pull_latest(checkpoints, workdir / "resume", token)
 
     # 5. Train: TRL owns the loop; our callbacks record metrics and upload checkpoints.
     metrics_cb = outputs.MetricsCallback(out / "metrics.jsonl", emit=not progress_bar)
@@ -179,3 +182,28 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
         torch.cuda.empty_cache()
     return str(remote)
 
+
+
+def _first_process_per_node():
+    """With several processes (torchrun), let the node's first one download while the others wait."""
+    import contextlib
+
+    state = _distributed_state()
+    return state.local_main_process_first() if state.num_processes > 1 else contextlib.nullcontext()
+
+
+def _same_on_every_process(run_id: str) -> str:
+    """A generated run id must be the same on every rank: rank 0's wins."""
+    from accelerate.utils import broadcast_object_list
+
+    if _distributed_state().num_processes == 1:
+        return run_id
+    return broadcast_object_list([run_id], from_process=0)[0]
+
+
+def _distributed_state():
+    """accelerate's process state, as the Trainer will set it up (gloo on CPU, NCCL on GPUs; one process without torchrun)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())

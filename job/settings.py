@@ -30,6 +30,9 @@ from job.errors import ConfigError
 PREFIX = "JOB_"
 DELIM = "__"
 
+#: JOB_ variables that others set in our environment: Kubernetes sets JOB_COMPLETION_INDEX in Indexed Jobs.
+FOREIGN_VARS = frozenset({"JOB_COMPLETION_INDEX"})
+
 #: Environment variables whose values are secrets: never printed, and redacted from logs if they leak into a message.
 SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
@@ -263,7 +266,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> JobSettings:
     known = _known_env_names()
     problems: list[str] = []
     for name in sorted(k for k in env if k.upper().startswith(PREFIX)):
-        if name.upper() not in known:
+        if name.upper() not in known and name.upper() not in FOREIGN_VARS:
             problems.append(f"{name}: unknown variable{_suggest(name.upper(), known)}")
     token = _environ.set(env)
     try:

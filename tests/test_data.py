@@ -104,6 +104,9 @@ def test_file_level_errors(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "Q", "output": "A"}\n{"text": "Q",\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"bad.jsonl: row 2 \(line 2\): invalid JSON"):
         load(tmp_path / "bad.jsonl")
+    (tmp_path / "header_only.csv").write_text("text,output\n", encoding="utf-8")
+    with pytest.raises(DataError, match="header_only.csv: no records"):
+        load(tmp_path / "header_only.csv")
     (tmp_path / "d.txt").write_text("x")
     with pytest.raises(DataError, match="unsupported file type '.txt'"):
         load(tmp_path / "d.txt")
