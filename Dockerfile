@@ -51,26 +51,27 @@ RUN apt-get update \
  && groupadd --gid 10001 qlora \
  && useradd --uid 10001 --gid 10001 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin qlora \
  && mkdir -p /work /cache/huggingface \
- && chown 10001:10001 /work /cache /cache/huggingface
+ && chown 10001:10001 /work /cache/huggingface \
+ && chmod 1777 /work /cache/huggingface
 
 COPY --from=build /opt/torch /opt/torch
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/app /opt/app
 COPY entrypoint.sh docker/launch.py /opt/qlora-job/
 
-# The root filesystem can be read-only: everything is written to /tmp (HOME too), /work (the job's scratch:
-# downloads, checkpoints) or /cache (the Hugging Face cache, and compiled kernels, which are loaded from there:
-# /tmp may be a noexec tmpfs). Mount a volume on /cache to keep both across runs.
+# The root filesystem can be read-only: everything is written to /tmp (HOME too: Triton's compiled kernels, which
+# are loaded from there, so /tmp must not be noexec), /work (the job's scratch: downloads, checkpoints) or
+# /cache/huggingface (HF_HOME: mount a volume there to keep it across runs). Like /tmp, the three are writable by
+# any uid, so `--user "$(id -u):$(id -g)"` works too (to share a host's Hugging Face cache, say).
 ENV PATH=/opt/venv/bin:/opt/app/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/tmp \
+    TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor \
     JOB_WORKDIR=/work \
     HF_HOME=/cache/huggingface \
-    HF_HUB_DISABLE_TELEMETRY=1 \
-    TRITON_CACHE_DIR=/cache/triton \
-    TORCHINDUCTOR_CACHE_DIR=/cache/torchinductor
-VOLUME ["/tmp", "/work", "/cache"]
+    HF_HUB_DISABLE_TELEMETRY=1
+VOLUME ["/tmp", "/work", "/cache/huggingface"]
 WORKDIR /work
 USER 10001:10001
 ENTRYPOINT ["/usr/bin/tini", "--", "/opt/qlora-job/entrypoint.sh"]

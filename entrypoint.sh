@@ -26,6 +26,12 @@ for dir in "${TMPDIR:-/tmp}" "${HF_HOME:-$HOME/.cache/huggingface}" "${JOB_WORKD
     fi
 done
 
+# Triton (Liger's kernels, on GPUs) loads the kernels it compiles from its cache, by default under HOME (/tmp).
+if [ -z "${TRITON_CACHE_DIR:-}" ] && awk -v d="${HOME:-/tmp}" '$2 == d && $4 ~ /(^|,)noexec(,|$)/ { f = 1 } END { exit !f }' /proc/mounts 2>/dev/null; then
+    echo "entrypoint: warning: ${HOME:-/tmp} is mounted noexec, so GPU kernels compiled by Triton cannot load;" \
+         "mount it with exec (e.g. --tmpfs /tmp:exec) or set TRITON_CACHE_DIR to a directory that allows it" >&2
+fi
+
 if [ "$#" -gt 0 ]; then
     exec python -m job "$@"
 fi
