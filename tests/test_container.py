@@ -239,10 +239,10 @@ def image(base_image, wheels) -> dict:
 def run_image(*args: str, env: dict | None = None, mounts: dict | None = None, name: str | None = None,
               timeout: int = 900, popen: bool = False):
     """`podman run` as on a shared cluster: the image's non-root user, read-only root filesystem, no capabilities, no
-    privilege escalation; writable /tmp (tmpfs), /work and /cache (host directories, when given); host network (to
+    privilege escalation; writable /tmp (tmpfs), /work and HF_HOME (host directories, when given); host network (to
     reach the S3 server on loopback)."""
     cmd = ["podman", "run", "--rm", "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-           "--network", "host", "--tmpfs", "/tmp"]
+           "--network", "host", "--tmpfs", "/tmp:rw,exec"]
     if name:
         cmd += ["--name", name]
     for host, inside in (mounts or {}).items():
@@ -258,8 +258,8 @@ def run_image(*args: str, env: dict | None = None, mounts: dict | None = None, n
 @pytest.fixture
 def volumes(tmp_path) -> dict:
     mounts = {}
-    for inside in ("/work", "/cache"):
-        host = tmp_path / inside.strip("/")
+    for inside in ("/work", "/cache/huggingface"):
+        host = tmp_path / inside.strip("/").replace("/", "-")
         host.mkdir()
         host.chmod(0o777)
         mounts[str(host)] = inside
@@ -271,7 +271,7 @@ def test_image_is_non_root_read_only_ready_and_labelled(image):
     cfg, labels = image["info"]["Config"], image["info"]["Labels"]
     assert cfg["User"] == f"{UID}:{UID}"
     assert cfg["Entrypoint"] == ["/usr/bin/tini", "--", "/opt/qlora-job/entrypoint.sh"]  # exec form
-    assert set(cfg["Volumes"]) == {"/tmp", "/work", "/cache"}
+    assert set(cfg["Volumes"]) == {"/tmp", "/work", "/cache/huggingface"}
     env = dict(e.split("=", 1) for e in cfg["Env"])
     assert env["JOB_WORKDIR"] == "/work" and env["HF_HOME"] == "/cache/huggingface"
     for k, v in image["labels"].items():
@@ -296,6 +296,15 @@ def test_help_and_print_config_with_the_shipped_env_file(image):
     config = json.loads(r.stdout)
     assert config["stage"] == "sft" and config["hf_token"] == "***" and config["workdir"] == "/work"
     assert FAKE_SECRET not in r.stdout + r.stderr
+
+
+@pytest.mark.container
+def test_entrypoint_warns_of_a_noexec_tmp_and_reports_config_errors(image):
+    cmd = ["podman", "run", "--rm", "--read-only"]
+    for tmp, warned in (("/tmp:rw,noexec", True), ("/tmp:rw,exec", False)):  # Docker's --tmpfs default is noexec
+        r = subprocess.run([*cmd, "--tmpfs", tmp, IMAGE, "--check"], env=ENGINE_ENV, capture_output=True, text=True, timeout=300)
+        assert r.returncode == ExitCode.CONFIG and "JOB_STAGE" in r.stderr, r.stderr[-2000:]  # nothing configured
+        assert ("noexec" in r.stderr) == warned, r.stderr[-2000:]
 
 
 @pytest.fixture
@@ -384,3 +393,26 @@ def test_compose_trial_seeds_the_store_and_trains(image, s3_server, volumes):
     bucket, prefix = env["JOB_OUTPUT"].removeprefix("s3://").split("/", 1)
     got = keys(client, bucket, f"{prefix}/{env['JOB_RUN_ID']}/")
     assert f"{prefix}/{env['JOB_RUN_ID']}/_SUCCESS" in got and any(k.endswith("adapter_model.safetensors") for k in got)
+
+
+@pytest.mark.container
+def test_any_uid_can_run_it_with_the_hosts_directories(image, bucket, tmp_path):
+    """`--user "$(id -u):$(id -g)"` with a host's Hugging Face cache and work dir mounted (owned by that user): it
+    runs as that uid; the image's own user, who cannot write there, is stopped with a clear message."""
+    s3 = bucket
+    mounts = []
+    for inside in ("/cache/huggingface", "/work"):
+        host = tmp_path / inside.strip("/").replace("/", "-")
+        host.mkdir()
+        os.chown(host, 4242, 4242)
+        mounts += ["-v", f"{host}:{inside}"]
+    cmd = ["podman", "run", "--rm", "--read-only", "--network", "host", *mounts]
+    for k, v in job_env(s3, JOB_RUN_ID="other-uid").items():
+        cmd += ["-e", f"{k}={v}"]
+    r = subprocess.run([*cmd, "--user", "4242:4242", IMAGE, "--check"], env=ENGINE_ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert json.loads(r.stdout)
+    written = list((tmp_path / "work").rglob("*"))
+    assert written and {p.stat().st_uid for p in written} == {4242}
+    r = subprocess.run([*cmd, IMAGE, "--check"], env=ENGINE_ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == ExitCode.CONFIG and "/cache/huggingface is not writable by uid 10001" in r.stderr, r.stderr[-2000:]
