@@ -72,13 +72,17 @@ def test_locks_pin_every_dependency_with_hashes_and_match_the_tested_environment
         assert name in pins, f"{name} is not locked: run docker/lock.sh"
         assert req.specifier.contains(pins[name][0], prereleases=True), f"{name}=={pins[name][0]} does not satisfy {spec}"
     assert "torch" in cuda and {"triton", "liger-kernel"} <= set(cuda)
-    # What the tests run on here is what the image ships (torch: the same release, CPU build here).
+    # What the tests run on here is what the image ships (torch: the same release, its CPU build here).
+    drift = []
     for name, (version, _) in pins.items():
         try:
             installed = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
-        assert installed.split("+")[0] == version, f"{name}: {installed} installed, {version} locked: run docker/lock.sh"
+        if installed.split("+")[0] != version:
+            drift.append(f"{name} {installed} installed, {version} locked")
+    assert not drift, ("the tested environment is not what the image ships: " + "; ".join(drift) + ". Install the "
+                       f"locked torch (pip install torch=={pins['torch'][0]} with the project) or move the locks (docker/lock.sh)")
 
 
 def _entrypoint_sandbox(tmp_path: Path, gpus: int) -> tuple[Path, dict]:
