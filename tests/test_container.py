@@ -6,7 +6,7 @@ which also installs buildah, podman, runc and debootstrap when they are missing)
 local directory with a CPU torch (build arg WHEELS) instead of PyPI's CUDA torch. The image then runs as a user
 would run it: non-root, read-only root filesystem, configured by env vars, against an S3 server on loopback.
 
-    pytest -m container tests/test_container.py        (cold: about 8 minutes; with the layers cached: about 2)
+    pytest -m container tests/test_container.py        (cold: about 7 minutes; with the layers cached: about 2)
 """
 
 from __future__ import annotations
