@@ -21,7 +21,8 @@ def build_trainer(s: JobSettings, model, tokenizer, train_ds, eval_ds, checkpoin
     from job.model import lora_config
 
     args = DPOConfig(
-        **training_args(s, checkpoint_dir, has_eval=eval_ds is not None, progress_bar=progress_bar),
+        **training_args(s, checkpoint_dir, has_eval=eval_ds is not None, progress_bar=progress_bar, model=model,
+                        sequences_per_example=2),  # chosen and rejected
         beta=s.dpo.beta,
         loss_type=[s.dpo.loss_type],
         dataset_num_proc=1,

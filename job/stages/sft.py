@@ -18,7 +18,7 @@ def build_trainer(s: JobSettings, model, tokenizer, train_ds, eval_ds, checkpoin
     from job.model import lora_config
 
     args = SFTConfig(
-        **training_args(s, checkpoint_dir, has_eval=eval_ds is not None, progress_bar=progress_bar),
+        **training_args(s, checkpoint_dir, has_eval=eval_ds is not None, progress_bar=progress_bar, model=model),
         # Prompt-completion data: the loss covers the completion only, which ends with the template's EOS.
         completion_only_loss=True,
         # Best-fit-decreasing packing: several examples per row, no padding, and position ids that restart at

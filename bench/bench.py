@@ -1,0 +1,602 @@
+"""qlora-job against the seed article's recipe, side by side on one GPU, same model shape, same data.
+
+    python bench/bench.py run --shape 13b --out bench/results              # everything (about 25 min on an H100)
+    python bench/bench.py run --shape 13b --parts sft --out DIR            # one part: sft, dpo or e2e
+    python bench/bench.py report bench/results/*.json > bench/results/RESULTS.md
+
+Parts (the first two run in this one process; seed runs first because the job's Liger kernels patch transformers'
+Llama classes, and they are restored after every job run):
+  sft   the seed's SFT recipe (bench/seed.py) for --seed-steps optimizer steps, then the job with its defaults and the
+        variants named by --sft-variants, each through `job.pipeline.run(job.settings.load_settings(env))`;
+  dpo   the same for DPO: the seed's DPO recipe, then the job's defaults and --dpo-variants (a new adapter on the
+        base model for both, so that both have the bare base model as the reference);
+  e2e   the seed's whole workload through the job's CLI (`python -m job` subprocesses, model load included): 1,729 SFT
+        examples with docker/sft.env's settings, then 97 DPO pairs with docker/dpo.env's on top of the SFT adapter;
+        wall-clock time, and the job's token count checked against our own count of the data.
+
+Model: random weights in llm-jp-3's shape (bench/synth.py), built once per machine under --work. Data: seeded
+synthetic records whose token lengths follow real instruction data (lognormal, median ~330, tail to 2k).
+
+Numbers (each run): tokens/s = TRL's non-padding token count / train_runtime (the job's metrics.json
+`tokens_per_second`); steady tokens/s = the same over the optimizer steps after --warmup-steps (step ends timed
+after a CUDA sync); DPO pairs/s = pairs / train_runtime; peak = torch.cuda.max_memory_allocated from model load to
+the end; MFU = model FLOP/s / 989 TFLOP/s (H100 SXM dense bf16), where a token costs 2N (forward) + 2N (backward to
+the activations; the 4-bit base gets no weight gradient and LoRA's are negligible) + 2N more with gradient
+checkpointing (the forward is recomputed), N = matmul parameters per token (decoder projections + LM head;
+attention scores not counted); a DPO token adds 2N for the reference model's forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import gc
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]
+
+import synth  # noqa: E402  (bench/synth.py)
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM datasheet
+PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "liger_kernel", "triton")
+
+#: Job variants: JOB_ overrides on top of the job's defaults (the `default` variant has none).
+SFT_VARIANTS = {
+    "default": {},
+    # The documented low-memory setting (docs/benchmarks.md): two packed rows of 1024 tokens per micro-batch,
+    # gradient checkpointing, 8-bit paged AdamW.
+    "lowmem": {"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "2", "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": "8",
+               "JOB_TRAIN__GRADIENT_CHECKPOINTING": "true", "JOB_TRAIN__OPTIM": "paged_adamw_8bit"},
+    "lowmem_bs1": {"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "1", "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": "16",
+                   "JOB_TRAIN__GRADIENT_CHECKPOINTING": "true", "JOB_TRAIN__OPTIM": "paged_adamw_8bit"},
+    "gc_bs4": {"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "4", "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": "4",
+               "JOB_TRAIN__GRADIENT_CHECKPOINTING": "true"},
+    "gc_bs8": {"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "8", "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": "2",
+               "JOB_TRAIN__GRADIENT_CHECKPOINTING": "true"},
+    "nogc_bs1": {"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "1", "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": "16",
+                 "JOB_TRAIN__GRADIENT_CHECKPOINTING": "false"},
+    "nogc_bs2": {"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "2", "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": "8",
+                 "JOB_TRAIN__GRADIENT_CHECKPOINTING": "false"},
+    "nogc_bs4": {"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "4", "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": "4",
+                 "JOB_TRAIN__GRADIENT_CHECKPOINTING": "false"},
+    "nogc_bs2_nodrop": {"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "2", "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": "8",
+                        "JOB_TRAIN__GRADIENT_CHECKPOINTING": "false", "JOB_LORA__DROPOUT": "0"},
+}
+DPO_VARIANTS = {
+    "default": {},
+    "gc_bs4": {"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "4", "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": "4",
+               "JOB_TRAIN__GRADIENT_CHECKPOINTING": "true"},
+    "gc_bs8": {"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "8", "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": "2",
+               "JOB_TRAIN__GRADIENT_CHECKPOINTING": "true"},
+    "nogc_bs1": {"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "1", "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": "16",
+                 "JOB_TRAIN__GRADIENT_CHECKPOINTING": "false"},
+    "nogc_bs2": {"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "2", "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": "8",
+                 "JOB_TRAIN__GRADIENT_CHECKPOINTING": "false"},
+    "nogc_bs4": {"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "4", "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": "4",
+                 "JOB_TRAIN__GRADIENT_CHECKPOINTING": "false"},
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------- environment
+
+
+def environment(argv: list[str]) -> dict:
+    import torch
+
+    env = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(["python", "bench/bench.py", *argv]),
+           "python": platform.python_version(), "host": platform.node()}
+    for name in PACKAGES:
+        try:
+            env[name] = metadata.version(name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            env[name] = None
+    env["cuda"] = torch.version.cuda
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env["device"] = p.name
+        env["device_memory_gib"] = round(p.total_memory / 2**30, 1)
+        env["sm_count"] = p.multi_processor_count
+    try:
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or None
+    except OSError:
+        env["git_commit"] = None
+    return env
+
+
+def peak_tflops(env: dict) -> float | None:
+    return next((v for k, v in PEAK_TFLOPS.items() if k in (env.get("device") or "")), None)
+
+
+# --------------------------------------------------------------------------------------------------- measurement
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class StepTimer:
+    """A TrainerCallback: time of each optimizer step's end (after a CUDA sync) and TRL's running token count."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class _Timer(TrainerCallback):
+            def __init__(self):
+                self.steps: list[tuple[int, float]] = []
+                self.tokens: dict[int, float] = {}
+                self.t_begin = None
+
+            def on_train_begin(self, args, state, control, **kw):
+                _sync()
+                self.t_begin = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                _sync()
+                self.steps.append((state.global_step, time.perf_counter()))
+
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs and "num_tokens" in logs:
+                    self.tokens[state.global_step] = logs["num_tokens"]
+
+            def steady(self, warmup: int) -> dict:
+                """Tokens/s and steps/s between the end of step `warmup` and the last step."""
+                t = dict(self.steps)
+                steps = sorted(s for s in t if s >= warmup and s in self.tokens)
+                if len(steps) < 2:
+                    return {}
+                a, b = steps[0], steps[-1]
+                dt = t[b] - t[a]
+                return {"steady_steps": b - a, "steady_seconds": round(dt, 3),
+                        "steady_tokens": self.tokens[b] - self.tokens[a],
+                        "steady_tokens_per_second": round((self.tokens[b] - self.tokens[a]) / dt, 1),
+                        "seconds_per_step": round(dt / (b - a), 3),
+                        "first_step_seconds": round(t[min(t)] - self.t_begin, 3) if self.t_begin else None}
+
+        return _Timer()
+
+
+def flops_per_token(n: int, *, gc: bool, dpo: bool) -> float:
+    return n * (2 + 2 + (2 if gc else 0) + (2 if dpo else 0))
+
+
+def add_rates(r: dict, env: dict, n: int, *, gc: bool, dpo: bool) -> dict:
+    fpt = flops_per_token(n, gc=gc, dpo=dpo)
+    peak = peak_tflops(env)
+    r["flops_per_token"] = fpt
+    for key, src in (("mfu", "tokens_per_second"), ("steady_mfu", "steady_tokens_per_second")):
+        if r.get(src) and peak:
+            r[key] = round(r[src] * fpt / (peak * 1e12), 4)
+    return r
+
+
+@contextlib.contextmanager
+def gpu_run():
+    """Fresh peak-memory counter; afterwards free everything and note what stayed allocated."""
+    import torch
+
+    box: dict = {}
+    if not torch.cuda.is_available():
+        yield box
+        return
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        yield box
+    finally:
+        box["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        box["peak_gpu_memory_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+        gc.collect()
+        torch.cuda.empty_cache()
+        box["left_allocated_gib"] = round(torch.cuda.memory_allocated() / 2**30, 3)
+
+
+@contextlib.contextmanager
+def restore_llama_module():
+    """Liger (use_liger_kernel) replaces classes and functions in transformers' Llama module for every later model;
+    put them back so that a later seed run gets stock transformers."""
+    from transformers.models.llama import modeling_llama
+
+    saved = dict(vars(modeling_llama))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if getattr(modeling_llama, k, None) is not v:
+                setattr(modeling_llama, k, v)
+
+
+# --------------------------------------------------------------------------------------------------- the runs
+
+
+def trainer_metrics(trainer, result) -> dict:
+    hist = trainer.state.log_history
+    tokens = max((h.get("num_tokens") or 0 for h in hist), default=0)
+    runtime = result.metrics["train_runtime"]
+    losses = [h["loss"] for h in hist if "loss" in h]
+    return {"steps": trainer.state.global_step, "tokens": tokens, "train_runtime_s": round(runtime, 3),
+            "tokens_per_second": round(tokens / runtime, 2) if tokens else None,
+            "samples_per_second": result.metrics.get("train_samples_per_second"),
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
+
+
+def run_seed(stage: str, ctx: dict, name: str, steps: int, overrides: dict | None = None) -> dict:
+    import seed  # bench/seed.py
+
+    out = ctx["work"] / "seed" / name
+    shutil.rmtree(out, ignore_errors=True)
+    timer = StepTimer()
+    r: dict = {"name": name, "who": "seed", "stage": stage, "max_steps": steps, "overrides": overrides or {}}
+    with gpu_run() as mem:
+        t0 = time.perf_counter()
+        if stage == "sft":
+            trainer = seed.sft_trainer(str(ctx["model"]), ctx["sft_records"], str(out), max_steps=steps, callbacks=[timer], **(overrides or {}))
+        else:
+            trainer = seed.dpo_trainer(str(ctx["model"]), ctx["dpo_records"], str(out), max_steps=steps, callbacks=[timer], **(overrides or {}))
+        r["setup_s"] = round(time.perf_counter() - t0, 2)
+        r["gradient_checkpointing"] = bool(trainer.args.gradient_checkpointing)
+        r["bf16"], r["fp16"] = trainer.args.bf16, trainer.args.fp16
+        result = trainer.train()
+        r.update(trainer_metrics(trainer, result))
+        r.update(timer.steady(ctx["warmup"]))
+        if stage == "dpo":
+            r["pairs"] = steps * 4
+            r["pairs_per_second"] = round(r["pairs"] / result.metrics["train_runtime"], 4)
+            if r.get("seconds_per_step"):
+                r["steady_pairs_per_second"] = round(4 / r["seconds_per_step"], 4)
+        r["wall_s"] = round(time.perf_counter() - t0, 2)
+        del trainer, result
+    r.update(mem)
+    return add_rates(r, ctx["env"], ctx["n"], gc=r["gradient_checkpointing"], dpo=stage == "dpo")
+
+
+def run_job(stage: str, ctx: dict, name: str, overrides: dict, steps: int, adapter: str | None = None) -> dict:
+    from job import pipeline
+    from job.settings import load_settings
+    from job.stages import dpo as dpo_stage
+    from job.stages import sft as sft_stage
+
+    module = sft_stage if stage == "sft" else dpo_stage
+    runs = ctx["work"] / "runs"
+    run_id = f"{stage}-{name}"
+    shutil.rmtree(runs / run_id, ignore_errors=True)
+    shutil.rmtree(ctx["work"] / "jobwork" / run_id, ignore_errors=True)
+    env = {
+        "JOB_STAGE": stage,
+        "JOB_BASE_MODEL": str(ctx["model"]),
+        "JOB_DATA": str(ctx["sft_data"] if stage == "sft" else ctx["dpo_data"]),
+        "JOB_OUTPUT": str(runs),
+        "JOB_WORKDIR": str(ctx["work"] / "jobwork"),
+        "JOB_RUN_ID": run_id,
+        "JOB_LOG_FORMAT": "json",
+        "JOB_TRAIN__MAX_STEPS": str(steps),
+        "JOB_TRAIN__LOGGING_STEPS": "1",  # per-step token counts for the steady-state rate
+        **({"JOB_ADAPTER": adapter} if adapter else {}),
+        **overrides,
+    }
+    settings = load_settings(env)
+    timer = StepTimer()
+    original = module.build_trainer
+
+    def build_trainer(*a, **kw):  # the job's own trainer, plus our timer
+        trainer = original(*a, **kw)
+        trainer.add_callback(timer)
+        r["gradient_checkpointing"] = bool(trainer.args.gradient_checkpointing)  # what `auto` chose
+        r["per_device_train_batch_size"] = trainer.args.per_device_train_batch_size
+        r["gradient_accumulation_steps"] = trainer.args.gradient_accumulation_steps
+        return trainer
+
+    r: dict = {"name": name, "who": "job", "stage": stage, "max_steps": steps, "overrides": overrides,
+               "gradient_checkpointing_setting": settings.train.gradient_checkpointing}
+    module.build_trainer = build_trainer
+    try:
+        with restore_llama_module(), gpu_run() as mem:
+            t0 = time.perf_counter()
+            out = Path(pipeline.run(settings))
+            r["wall_s"] = round(time.perf_counter() - t0, 2)
+    finally:
+        module.build_trainer = original
+    m = json.loads((out / "metrics.json").read_text())
+    r["metrics"] = m
+    r.update({k: m.get(k) for k in ("steps", "tokens", "train_runtime_s", "tokens_per_second", "train_loss")})
+    if stage == "dpo":
+        r["pairs_per_second"] = m.get("pairs_per_second")
+        bs = settings.train.per_device_train_batch_size * settings.train.gradient_accumulation_steps
+        r["pairs"] = min(m["steps"] * bs, len(ctx["dpo_records"]))
+    r.update(timer.steady(ctx["warmup"]))
+    if stage == "dpo" and r.get("seconds_per_step"):
+        r["steady_pairs_per_second"] = round(bs / r["seconds_per_step"], 4)
+    r.update(mem)
+    r["peak_gpu_memory_gib_job"] = m.get("peak_gpu_memory_gib")
+    return add_rates(r, ctx["env"], ctx["n"], gc=r["gradient_checkpointing"], dpo=stage == "dpo")
+
+
+def env_file(path: Path) -> dict:
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            k, v = line.split("=", 1)
+            out[k.strip()] = v.strip()
+    return out
+
+
+def count_tokens(ctx: dict, stage: str, max_length: int, eval_fraction: float = 0.0) -> dict:
+    """Our own count of the non-padding tokens one epoch of the job trains on (its prompt format, its truncation)."""
+    from job import data
+    from job.model import load_tokenizer
+    from job.settings import ColumnSettings
+
+    tok, _ = load_tokenizer(ctx["model"], None, "auto")
+    path = ctx["sft_data"] if stage == "sft" else ctx["dpo_data"]
+    records = data.load_records(path, str(path), stage, ColumnSettings())
+    train, _ = data.split_eval(records, eval_fraction, 42)
+    total = 0
+    for r in train:
+        answers = [r["completion"]] if stage == "sft" else [r["chosen"], r["rejected"]]
+        for a in answers:
+            total += min(max_length, len(tok.apply_chat_template(r["prompt"] + a, tokenize=True, return_dict=False)))
+    return {"examples": len(train), "tokens": total}
+
+
+def run_e2e(ctx: dict) -> dict:
+    """The seed's whole workload through `python -m job`, as a user runs it (docker/*.env settings, local paths)."""
+    runs = ctx["work"] / "e2e-runs"
+    shutil.rmtree(runs, ignore_errors=True)
+    shutil.rmtree(ctx["work"] / "e2e-work", ignore_errors=True)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("JOB_")}
+    base.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+                 "PYTHONPATH": os.pathsep.join([str(ROOT), base.get("PYTHONPATH", "")])})
+    paths = {"JOB_BASE_MODEL": str(ctx["model"]), "JOB_OUTPUT": str(runs), "JOB_WORKDIR": str(ctx["work"] / "e2e-work"),
+             "JOB_LOG_FORMAT": "json"}
+    out: dict = {"name": "e2e", "who": "job", "stage": "sft+dpo"}
+    stages = []
+    for stage, envf in (("sft", "sft.env"), ("dpo", "dpo.env")):
+        env = {**base, **env_file(ROOT / "docker" / envf), **paths,
+               "JOB_DATA": str(ctx["sft_data"] if stage == "sft" else ctx["dpo_data"])}
+        if stage == "dpo":
+            env["JOB_ADAPTER"] = str(runs / stages[0]["run_id"] / "adapter")
+        t0 = time.perf_counter()
+        p = subprocess.run([sys.executable, "-m", "job"], env=env, cwd=ROOT, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        (ctx["work"] / f"e2e-{stage}.log").write_text(p.stdout + p.stderr)
+        s = {"stage": stage, "run_id": env["JOB_RUN_ID"], "exit_code": p.returncode, "wall_s": round(wall, 2),
+             "settings": {k: v for k, v in env.items() if k.startswith("JOB_") and k not in paths and k != "JOB_DATA"}}
+        if p.returncode != 0:
+            s["stderr_tail"] = (p.stderr or p.stdout)[-3000:]
+            stages.append(s)
+            break
+        m = json.loads((runs / s["run_id"] / "metrics.json").read_text())
+        s["metrics"] = m
+        s["files"] = sorted(x.name for x in (runs / s["run_id"]).iterdir())
+        # The job's count (TRL's) against ours, for one epoch of the training split
+        mine = count_tokens(ctx, stage, int(env.get("JOB_TRAIN__MAX_LENGTH", 1024)), float(env.get("JOB_EVAL_FRACTION", 0)))
+        s["our_token_count"] = mine
+        s["token_count_matches"] = mine["tokens"] == m.get("tokens")
+        stages.append(s)
+        log(f"e2e {stage}: exit {p.returncode}, {wall:.1f}s, tokens job {m.get('tokens')} ours {mine['tokens']}")
+    out["stages"] = stages
+    out["wall_s"] = round(sum(s["wall_s"] for s in stages), 2)
+    out["ok"] = all(s["exit_code"] == 0 for s in stages) and len(stages) == 2
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- driver
+
+
+def prepare(shape: str, work: Path, env: dict, n_sft: int = 1729, n_dpo: int = 97) -> dict:
+    import torch
+
+    from job.model import load_tokenizer
+
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = work / "models" / shape
+    t0 = time.perf_counter()
+    built = not (model_dir / "config.json").exists()
+    synth.build_model(model_dir, shape, device="cuda" if torch.cuda.is_available() else "cpu")
+    build_s = round(time.perf_counter() - t0, 1)
+    log(f"model {shape}: {'built' if built else 'found'} in {build_s}s at {model_dir}")
+    vocab = synth.VOCAB_SIZE if shape != "tiny" else 1000
+    sft_records = synth.sft_records(n_sft, vocab=vocab)
+    dpo_records = synth.dpo_records(n_dpo, vocab=vocab)
+    sft_data = synth.write_sft(work / "data" / "sft.jsonl", sft_records)
+    dpo_data = synth.write_dpo(work / "data" / "preferences.csv", dpo_records)
+    tok, _ = load_tokenizer(model_dir, None, "auto")
+    chat = lambda p, a: len(tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": a}], tokenize=True, return_dict=False))  # noqa: E731
+    data_stats = {
+        "sft_example_tokens": synth.length_stats([chat(r["text"], r["output"]) for r in sft_records]),
+        "dpo_pair_tokens": synth.length_stats([chat(r["prompt"], r["chosen"]) + chat(r["prompt"], r["rejected"]) for r in dpo_records]),
+    }
+    log(f"data: {json.dumps(data_stats)}")
+    return {"shape": shape, "work": work, "model": model_dir, "env": env, "n": synth.matmul_params(shape, vocab),
+            "sft_records": sft_records, "dpo_records": dpo_records, "sft_data": sft_data, "dpo_data": dpo_data,
+            "data_stats": data_stats, "model_build_s": build_s, "model_built": built}
+
+
+def summary_line(r: dict) -> str:
+    if r.get("error"):
+        return f"{r['who']:4} {r['stage']:4} {r['name']:16} ERROR {r['error'][:200]}"
+    rate = f"{r.get('tokens_per_second') or 0:9.1f} tok/s (steady {r.get('steady_tokens_per_second') or 0:9.1f})"
+    if r["stage"] == "dpo":
+        rate += f" {r.get('pairs_per_second') or 0:6.3f} pairs/s (steady {r.get('steady_pairs_per_second') or 0:6.3f})"
+    return (f"{r['who']:4} {r['stage']:4} {r['name']:16} {rate} peak {r.get('peak_gpu_memory_gib')} GiB "
+            f"MFU {r.get('steady_mfu')} steps {r.get('steps')}")
+
+
+def cmd_run(a, argv: list[str]) -> int:
+    import torch
+
+    import logging
+
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[job] %(message)s"))
+    logging.getLogger("job").addHandler(handler)
+    logging.getLogger("job").setLevel(logging.INFO)
+    logging.getLogger("job.metrics").setLevel(logging.WARNING)  # one line per step: too many here
+    env = environment(argv)
+    log(f"environment: {json.dumps(env)}")
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result_path = out_dir / f"bench-{a.shape}{('-' + a.tag) if a.tag else ''}.json"
+    ctx = prepare(a.shape, Path(a.work), env, a.sft_examples, a.dpo_pairs)
+    ctx["warmup"] = a.warmup_steps
+    res = {"shape": a.shape, "environment": env, "matmul_params": ctx["n"], "model_build_s": ctx["model_build_s"],
+           "data": ctx["data_stats"], "flop_formula": __doc__.split("Numbers (each run): ")[1].strip(), "runs": []}
+
+    def save():
+        result_path.write_text(json.dumps(res, indent=2, default=str) + "\n")
+
+    def attempt(fn, *args, **kw):
+        name = kw.pop("label")
+        log(f"--- {name}")
+        try:
+            r = fn(*args, **kw)
+        except Exception as exc:  # one failed run must not lose the others
+            traceback.print_exc()
+            r = {"name": name, "who": "?", "stage": "?", "error": f"{type(exc).__name__}: {exc}"}
+            with contextlib.suppress(Exception):
+                gc.collect()
+                torch.cuda.empty_cache()
+        res["runs"].append(r)
+        save()
+        log(summary_line(r) if "who" in r and r.get("stage") != "sft+dpo" else json.dumps(r)[:2000])
+        return r
+
+    parts = a.parts.split(",")
+    # Seed runs first (see the module docstring), then the job's.
+    if "sft" in parts and a.seed_steps:
+        attempt(run_seed, "sft", ctx, "seed", a.seed_steps, label="seed sft")
+    if "sft" in parts and a.seed_nogc_steps:
+        attempt(run_seed, "sft", ctx, "seed_nogc", a.seed_nogc_steps, {"gradient_checkpointing": False}, label="seed sft without checkpointing")
+    if "dpo" in parts and a.dpo_seed_steps:
+        attempt(run_seed, "dpo", ctx, "seed", a.dpo_seed_steps, label="seed dpo")
+    # A variant is NAME or NAME@STEPS (its own number of optimizer steps).
+    if "sft" in parts:
+        for v in filter(None, a.sft_variants.split(",")):
+            v, _, n = v.partition("@")
+            attempt(run_job, "sft", ctx, v, SFT_VARIANTS[v], int(n or a.job_steps), label=f"job sft {v}")
+    if "dpo" in parts:
+        for v in filter(None, a.dpo_variants.split(",")):
+            v, _, n = v.partition("@")
+            attempt(run_job, "dpo", ctx, v, DPO_VARIANTS[v], int(n or a.dpo_job_steps), label=f"job dpo {v}")
+    if "e2e" in parts:
+        attempt(run_e2e, ctx, label="e2e")
+    res["ratios"] = ratios(res["runs"])
+    save()
+    log("summary")
+    for r in res["runs"]:
+        print("  " + (summary_line(r) if r.get("stage") in ("sft", "dpo") else json.dumps({k: r.get(k) for k in ("name", "ok", "wall_s", "error")})))
+    print(json.dumps(res["ratios"], indent=1))
+    return 0
+
+
+def ratios(runs: list[dict]) -> dict:
+    by = {(r.get("who"), r.get("stage"), r.get("name")): r for r in runs if not r.get("error")}
+    out = {}
+    for stage, key in (("sft", "tokens_per_second"), ("dpo", "pairs_per_second")):
+        seed = by.get(("seed", stage, "seed"))
+        if not seed:
+            continue
+        for (who, st, name), r in by.items():
+            if who == "job" and st == stage:
+                for k in (key, f"steady_{key}"):
+                    if r.get(k) and seed.get(k):
+                        out[f"{stage}:{name}/seed:{k}"] = round(r[k] / seed[k], 2)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- report
+
+
+def cmd_report(a) -> int:
+    files = [Path(f) for f in a.files]
+    print("# Benchmark results\n")
+    print("Generated by `python bench/bench.py report " + " ".join(str(f) for f in a.files) + "` from the JSON beside this file.\n")
+    for f in files:
+        res = json.loads(f.read_text())
+        env = res["environment"]
+        print(f"## {f.name}: {res['shape']} shape\n")
+        print(f"- device: {env.get('device')} ({env.get('device_memory_gib')} GiB), CUDA {env.get('cuda')}; date {env.get('date')}; commit {env.get('git_commit')}")
+        print("- versions: " + ", ".join(f"{k} {env.get(k)}" for k in PACKAGES) + f", python {env.get('python')}")
+        print(f"- command: `{env.get('command')}`")
+        print(f"- N (matmul parameters per token) = {res['matmul_params']:,}; data: SFT example tokens {res['data']['sft_example_tokens']}; DPO pair tokens {res['data']['dpo_pair_tokens']}\n")
+        rows = [r for r in res["runs"] if r.get("stage") in ("sft", "dpo") or r.get("error")]
+        if rows:
+            print("| run | stage | tokens/s | steady tokens/s | pairs/s | steady pairs/s | peak GiB | steady MFU | GC | steps |")
+            print("|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
+            for r in rows:
+                if r.get("error"):
+                    print(f"| {r['name']} | | error: {r['error'][:120]} | | | | | | | |")
+                    continue
+                f2 = lambda x, d=1: "" if x is None else f"{x:,.{d}f}"  # noqa: E731
+                label = "seed recipe" if r["who"] == "seed" and r["name"] == "seed" else f"{r['who']} {r['name']}"
+                print(f"| {label} | {r['stage']} | {f2(r.get('tokens_per_second'))} | {f2(r.get('steady_tokens_per_second'))} | "
+                      f"{f2(r.get('pairs_per_second'), 3)} | {f2(r.get('steady_pairs_per_second'), 3)} | {f2(r.get('peak_gpu_memory_gib'), 2)} | "
+                      f"{f2(r.get('steady_mfu') and 100 * r['steady_mfu'])}% | {'on' if r.get('gradient_checkpointing') else 'off'} | {r.get('steps')} |")
+            print()
+        for r in res["runs"]:
+            if r.get("name") == "e2e" and r.get("stages"):
+                print(f"End to end (`python -m job`, docker/sft.env then docker/dpo.env, model load included): **{r['wall_s']:.0f} s** "
+                      f"({'ok' if r.get('ok') else 'FAILED'})\n")
+                print("| stage | wall s | train runtime s | tokens (job) | tokens (our count) | tokens/s | pairs/s | peak GiB |")
+                print("|---|---:|---:|---:|---:|---:|---:|---:|")
+                for s in r["stages"]:
+                    m = s.get("metrics", {})
+                    print(f"| {s['stage']} | {s['wall_s']:.1f} | {m.get('train_runtime_s')} | {m.get('tokens')} | {s.get('our_token_count', {}).get('tokens')} | "
+                          f"{m.get('tokens_per_second')} | {m.get('pairs_per_second', '')} | {m.get('peak_gpu_memory_gib')} |")
+                print()
+        if res.get("note"):
+            print(f"Note: {res['note']}\n")
+        rat = ratios(res["runs"])
+        if rat:
+            print("Ratios job/seed: " + ", ".join(f"`{k}` {v}×" for k, v in rat.items()) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--shape", choices=sorted(synth.SHAPES), default="13b")
+    r.add_argument("--parts", default="sft,dpo,e2e")
+    r.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    r.add_argument("--work", default="/tmp/qlora-bench")
+    r.add_argument("--tag", default="")
+    r.add_argument("--seed-steps", type=int, default=12, help="optimizer steps of the seed's SFT (4 examples each)")
+    r.add_argument("--seed-nogc-steps", type=int, default=0, help="also the seed's SFT with checkpointing off")
+    r.add_argument("--job-steps", type=int, default=10, help="optimizer steps of each job SFT run (-1: one epoch)")
+    r.add_argument("--dpo-seed-steps", type=int, default=8)
+    r.add_argument("--dpo-job-steps", type=int, default=-1)
+    r.add_argument("--sft-examples", type=int, default=1729, help="the seed's SFT set size")
+    r.add_argument("--dpo-pairs", type=int, default=97, help="the seed's preference set size")
+    r.add_argument("--warmup-steps", type=int, default=2)
+    r.add_argument("--sft-variants", default="default,lowmem@5")
+    r.add_argument("--dpo-variants", default="default")
+    rp = sub.add_parser("report")
+    rp.add_argument("files", nargs="+")
+    a = p.parse_args(argv)
+    return cmd_run(a, argv) if a.cmd == "run" else cmd_report(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
