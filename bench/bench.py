@@ -52,40 +52,25 @@ import synth  # noqa: E402  (bench/synth.py)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM datasheet
 PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "liger_kernel", "triton")
 
-#: Job variants: JOB_ overrides on top of the job's defaults (the `default` variant has none).
-SFT_VARIANTS = {
+def variant(batch: int, accumulation: int, checkpointing: str | None = None, **extra: str) -> dict:
+    """JOB_ overrides: micro-batch size and accumulation (16 examples per step, as the defaults), checkpointing."""
+    env = {"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": str(batch), "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": str(accumulation)}
+    if checkpointing:
+        env["JOB_TRAIN__GRADIENT_CHECKPOINTING"] = checkpointing
+    return {**env, **extra}
+
+
+#: Job variants for either stage: JOB_ overrides on top of the job's defaults (`default` has none). A key starting
+#: with "_" is a bench switch, not a setting: `_unsorted` turns off the length-sorted micro-batches
+#: (job.stages.common.StepSortedSampler), leaving the plain seeded random order, to measure what sorting gains.
+VARIANTS = {
     "default": {},
+    "unsorted": {"_unsorted": "1"},
     # The documented low-memory setting (docs/benchmarks.md): two packed rows of 1024 tokens per micro-batch,
     # gradient checkpointing, 8-bit paged AdamW.
-    "lowmem": {"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "2", "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": "8",
-               "JOB_TRAIN__GRADIENT_CHECKPOINTING": "true", "JOB_TRAIN__OPTIM": "paged_adamw_8bit"},
-    "lowmem_bs1": {"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "1", "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": "16",
-                   "JOB_TRAIN__GRADIENT_CHECKPOINTING": "true", "JOB_TRAIN__OPTIM": "paged_adamw_8bit"},
-    "gc_bs4": {"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "4", "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": "4",
-               "JOB_TRAIN__GRADIENT_CHECKPOINTING": "true"},
-    "gc_bs8": {"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "8", "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": "2",
-               "JOB_TRAIN__GRADIENT_CHECKPOINTING": "true"},
-    "nogc_bs1": {"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "1", "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": "16",
-                 "JOB_TRAIN__GRADIENT_CHECKPOINTING": "false"},
-    "nogc_bs2": {"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "2", "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": "8",
-                 "JOB_TRAIN__GRADIENT_CHECKPOINTING": "false"},
-    "nogc_bs4": {"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "4", "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": "4",
-                 "JOB_TRAIN__GRADIENT_CHECKPOINTING": "false"},
-    "nogc_bs2_nodrop": {"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "2", "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": "8",
-                        "JOB_TRAIN__GRADIENT_CHECKPOINTING": "false", "JOB_LORA__DROPOUT": "0"},
-}
-DPO_VARIANTS = {
-    "default": {},
-    "gc_bs4": {"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "4", "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": "4",
-               "JOB_TRAIN__GRADIENT_CHECKPOINTING": "true"},
-    "gc_bs8": {"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "8", "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": "2",
-               "JOB_TRAIN__GRADIENT_CHECKPOINTING": "true"},
-    "nogc_bs1": {"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "1", "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": "16",
-                 "JOB_TRAIN__GRADIENT_CHECKPOINTING": "false"},
-    "nogc_bs2": {"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "2", "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": "8",
-                 "JOB_TRAIN__GRADIENT_CHECKPOINTING": "false"},
-    "nogc_bs4": {"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "4", "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": "4",
-                 "JOB_TRAIN__GRADIENT_CHECKPOINTING": "false"},
+    "lowmem": variant(2, 8, "true", JOB_TRAIN__OPTIM="paged_adamw_8bit"),
+    "lowmem_bs1": variant(1, 16, "true", JOB_TRAIN__OPTIM="paged_adamw_8bit"),
+    **{f"{gc}_bs{bs}": variant(bs, 16 // bs, "true" if gc == "gc" else "false") for gc in ("gc", "nogc") for bs in (1, 2, 4, 8)},
 }
 
 
@@ -116,6 +101,8 @@ def environment(argv: list[str]) -> dict:
         env["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or None
     except OSError:
         env["git_commit"] = None
+    # A copy of the tree without .git (e.g. a GPU machine's): the caller says which commit it is.
+    env["git_commit"] = env["git_commit"] or os.environ.get("BENCH_COMMIT") or None
     return env
 
 
@@ -274,6 +261,7 @@ def run_job(stage: str, ctx: dict, name: str, overrides: dict, steps: int, adapt
     from job.settings import load_settings
     from job.stages import dpo as dpo_stage
     from job.stages import sft as sft_stage
+    from job.stages.common import StepSortedSampler
 
     module = sft_stage if stage == "sft" else dpo_stage
     runs = ctx["work"] / "runs"
@@ -293,9 +281,13 @@ def run_job(stage: str, ctx: dict, name: str, overrides: dict, steps: int, adapt
         **({"JOB_ADAPTER": adapter} if adapter else {}),
         **overrides,
     }
-    settings = load_settings(env)
+    switches = {k for k in env if k.startswith("_")}
+    settings = load_settings({k: v for k, v in env.items() if k not in switches})
     timer = StepTimer()
     original = module.build_trainer
+    original_sampler = module.step_sorted_sampler
+    if "_unsorted" in switches:  # steps of one example: the sampler's seeded permutation, unsorted
+        module.step_sorted_sampler = lambda args, lengths: StepSortedSampler(lengths, 1, args.data_seed)
 
     def build_trainer(*a, **kw):  # the job's own trainer, plus our timer
         trainer = original(*a, **kw)
@@ -315,6 +307,7 @@ def run_job(stage: str, ctx: dict, name: str, overrides: dict, steps: int, adapt
             r["wall_s"] = round(time.perf_counter() - t0, 2)
     finally:
         module.build_trainer = original
+        module.step_sorted_sampler = original_sampler
     m = json.loads((out / "metrics.json").read_text())
     r["metrics"] = m
     r.update({k: m.get(k) for k in ("steps", "tokens", "train_runtime_s", "tokens_per_second", "train_loss")})
@@ -493,11 +486,11 @@ def cmd_run(a, argv: list[str]) -> int:
     if "sft" in parts:
         for v in filter(None, a.sft_variants.split(",")):
             v, _, n = v.partition("@")
-            attempt(run_job, "sft", ctx, v, SFT_VARIANTS[v], int(n or a.job_steps), label=f"job sft {v}")
+            attempt(run_job, "sft", ctx, v, VARIANTS[v], int(n or a.job_steps), label=f"job sft {v}")
     if "dpo" in parts:
         for v in filter(None, a.dpo_variants.split(",")):
             v, _, n = v.partition("@")
-            attempt(run_job, "dpo", ctx, v, DPO_VARIANTS[v], int(n or a.dpo_job_steps), label=f"job dpo {v}")
+            attempt(run_job, "dpo", ctx, v, VARIANTS[v], int(n or a.dpo_job_steps), label=f"job dpo {v}")
     if "e2e" in parts:
         attempt(run_e2e, ctx, label="e2e")
     res["ratios"] = ratios(res["runs"])

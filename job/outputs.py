@@ -2,7 +2,7 @@
 
     adapter/          PEFT adapter (safetensors), tokenizer with the prompt format as chat template,
                       prompt_format.json, README.md (model card)
-    metrics.json      final losses, steps, tokens, throughput, runtime, peak GPU memory (DPO: reward accuracy/margin)
+    metrics.json      losses (run average and last logging window), steps, tokens, throughput, runtime, peak GPU memory (DPO: reward accuracy/margin)
     metrics.jsonl     one line per logging step
     run.json          resolved config (secrets masked), versions, base model and data identity, times, status
     checkpoints/      the latest training checkpoint while the run is in progress (for resuming)
@@ -71,9 +71,23 @@ class MetricsCallback(TrainerCallback):
             log.info("step %d", state.global_step, extra={"fields": {"event": "metrics", **row}})
 
 
+def run_mean(history: list[dict], key: str) -> float | None:
+    """A logged training metric averaged over the whole run. Each log row averages the steps since the previous row
+    (the first row: step 1 alone), so rows are weighted by the steps they cover."""
+    total = steps = 0.0
+    prev = 0
+    for h in history:
+        if key in h and h.get("step") is not None and _clean(h[key]) is not None:
+            n = max(h["step"] - prev, 0)
+            total, steps, prev = total + h[key] * n, steps + n, h["step"]
+    return round(total / steps, 6) if steps else None
+
+
 def final_metrics(stage: str, trainer, train_result, history: list[dict], eval_metrics: dict | None, wall_s: float) -> dict:
     import torch
 
+    # The trainer's log history survives a resume (it is in the checkpoint); the callback's starts at the resume.
+    history = [h for h in (getattr(trainer.state, "log_history", None) or history) if "step" in h] or history
     last_train = next((h for h in reversed(history) if "loss" in h), {})
     tm = train_result.metrics
     runtime = tm.get("train_runtime") or wall_s
@@ -82,8 +96,9 @@ def final_metrics(stage: str, trainer, train_result, history: list[dict], eval_m
         "stage": stage,
         "steps": trainer.state.global_step,
         "epochs": round(trainer.state.epoch or 0, 4),
-        "train_loss": _clean(last_train.get("loss")),
-        "train_loss_mean": _clean(tm.get("train_loss")),
+        # Averages over the run; *_last: the last logging window (JOB_TRAIN__LOGGING_STEPS steps).
+        "train_loss": run_mean(history, "loss"),
+        "train_loss_last": _clean(last_train.get("loss")),
         "eval_loss": _clean((eval_metrics or {}).get("eval_loss")),
         "train_runtime_s": round(runtime, 3),
         "train_samples_per_second": tm.get("train_samples_per_second"),
@@ -100,8 +115,10 @@ def final_metrics(stage: str, trainer, train_result, history: list[dict], eval_m
         out["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         out["peak_gpu_memory_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
     if stage == "dpo":
-        out["reward_accuracy"] = _clean(last_train.get("rewards/accuracies"))
-        out["reward_margin"] = _clean(last_train.get("rewards/margins"))
+        out["reward_accuracy"] = run_mean(history, "rewards/accuracies")
+        out["reward_margin"] = run_mean(history, "rewards/margins")
+        out["reward_accuracy_last"] = _clean(last_train.get("rewards/accuracies"))
+        out["reward_margin_last"] = _clean(last_train.get("rewards/margins"))
         out["pairs_per_second"] = tm.get("train_samples_per_second")
         if eval_metrics:
             out["eval_reward_accuracy"] = _clean(eval_metrics.get("eval_rewards/accuracies"))

@@ -84,6 +84,13 @@ def test_sft_then_dpo_on_s3_and_the_adapter_changes_the_model(bucket, tiny_model
     out = download(s3, "runs/dpo-1/", tmp_path / "dpo")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["reward_accuracy"] is not None and metrics["reward_margin"] is not None
+    # Run averages, not the last logging window: they agree with the trainer's own mean loss and with the per-step rows.
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics["train_loss"] == pytest.approx(next(r["train_loss"] for r in rows if "train_loss" in r), rel=1e-3)
+    steps = [r for r in rows if "rewards/accuracies" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]  # JOB_TRAIN__LOGGING_STEPS=1 here
+    assert metrics["reward_accuracy"] == pytest.approx(sum(r["rewards/accuracies"] for r in steps) / 4)
+    assert metrics["reward_accuracy_last"] == steps[-1]["rewards/accuracies"]
     assert json.loads((out / "run.json").read_text())["prompt_format"] == "instruction"  # carried over from SFT
     assert_no_secret(s3, "runs/", r.stdout, r.stderr)
 

@@ -13,6 +13,38 @@ from job.settings import JobSettings
 log = logging.getLogger("job")
 
 
+class StepSortedSampler(torch.utils.data.Sampler):
+    """Each optimizer step's examples drawn at random, then ordered longest first so that each micro-batch holds
+    examples of similar length and pads less.
+
+    A seeded permutation is cut into steps of `step` examples (micro-batch x accumulation x processes); a step holds
+    exactly the examples random sampling would give it, and every micro-batch keeps its size, so a step's gradient is
+    the same (padding is masked) for less compute. transformers' `group_by_length` changes which examples share a step,
+    and its `batch_rebalance` varies micro-batch sizes, which reweights examples in a mean-reduced loss such as DPO's.
+    Deterministic per seed and epoch, as resuming mid-epoch and every data-parallel rank need.
+    """
+
+    def __init__(self, lengths: list[int], step: int, seed: int):
+        self.lengths, self.step, self.seed, self.epoch = list(lengths), max(1, step), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.lengths), generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        for i in range(0, len(order), self.step):
+            yield from sorted(order[i : i + self.step], key=lambda j: -self.lengths[j])
+
+
+def step_sorted_sampler(args, lengths: list[int]) -> StepSortedSampler:
+    """The sampler for a trainer with these TrainingArguments (one optimizer step = batch x accumulation x world)."""
+    step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+    return StepSortedSampler(lengths, step, args.data_seed if args.data_seed is not None else args.seed)
+
+
 def activation_bytes_per_token(config, liger: bool) -> int | None:
     """Activations one token keeps per decoder stack for the backward pass without checkpointing (bf16, LoRA with
     dropout on every projection), for a Llama-like config; None when the config does not say. Measured: 13B 9.7 MiB,

@@ -12,7 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from job.settings import JobSettings
-from job.stages.common import training_args
+from job.stages.common import step_sorted_sampler, training_args
+
+
+def pair_lengths(dataset, max_length: int) -> list[int]:
+    """Padded length of each tokenized pair: chosen and rejected rows share a batch, each prompt + answer."""
+    return [min(max_length, len(p) + max(len(c), len(r)))
+            for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])]
 
 
 def build_trainer(s: JobSettings, model, tokenizer, train_ds, eval_ds, checkpoint_dir: Path, callbacks, *, progress_bar: bool):
@@ -29,7 +35,14 @@ def build_trainer(s: JobSettings, model, tokenizer, train_ds, eval_ds, checkpoin
     )
     # A PeftModel (JOB_ADAPTER) makes TRL copy its adapter into a frozen "ref" adapter; a bare model gets a new one.
     peft_config = None if hasattr(model, "peft_config") else lora_config(s.lora)
-    return DPOTrainer(
+
+    class Trainer(DPOTrainer):
+        # Rows are padded to the longest in a micro-batch: group similar lengths within each step (same gradient).
+        def _get_train_sampler(self, train_dataset=None):
+            ds = self.train_dataset if train_dataset is None else train_dataset
+            return step_sorted_sampler(self.args, pair_lengths(ds, self.args.max_length))
+
+    return Trainer(
         model=model,
         args=args,
         train_dataset=train_ds,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from job.settings import JobSettings
-from job.stages.common import training_args
+from job.stages.common import step_sorted_sampler, training_args
 
 
 def build_trainer(s: JobSettings, model, tokenizer, train_ds, eval_ds, checkpoint_dir: Path, callbacks, *, progress_bar: bool):
@@ -29,7 +29,17 @@ def build_trainer(s: JobSettings, model, tokenizer, train_ds, eval_ds, checkpoin
         dataset_num_proc=1,
     )
     peft_config = None if hasattr(model, "peft_config") else lora_config(s.lora)
-    return SFTTrainer(
+
+    class Trainer(SFTTrainer):
+        # Without packing, rows are padded to the longest in a micro-batch: group similar lengths within each step
+        # (the same examples per step; the loss is normalised per step, so the gradient is unchanged).
+        def _get_train_sampler(self, train_dataset=None):
+            ds = self.train_dataset if train_dataset is None else train_dataset
+            if self.args.packing:
+                return super()._get_train_sampler(train_dataset)
+            return step_sorted_sampler(self.args, [min(len(x), self.args.max_length) for x in ds["input_ids"]])
+
+    return Trainer(
         model=model,
         args=args,
         train_dataset=train_ds,
