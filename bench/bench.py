@@ -71,6 +71,9 @@ VARIANTS = {
     "lowmem": variant(2, 8, "true", JOB_TRAIN__OPTIM="paged_adamw_8bit"),
     "lowmem_bs1": variant(1, 16, "true", JOB_TRAIN__OPTIM="paged_adamw_8bit"),
     **{f"{gc}_bs{bs}": variant(bs, 16 // bs, "true" if gc == "gc" else "false") for gc in ("gc", "nogc") for bs in (1, 2, 4, 8)},
+    "gc_bs16": variant(16, 1, "true"),
+    "nogc_bs2_unsorted": {**variant(2, 8, "false"), "_unsorted": "1"},
+    "gc_bs8_unsorted": {**variant(8, 2, "true"), "_unsorted": "1"},
 }
 
 
@@ -97,12 +100,11 @@ def environment(argv: list[str]) -> dict:
         env["device"] = p.name
         env["device_memory_gib"] = round(p.total_memory / 2**30, 1)
         env["sm_count"] = p.multi_processor_count
-    try:
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or None
-    except OSError:
-        env["git_commit"] = None
-    # A copy of the tree without .git (e.g. a GPU machine's): the caller says which commit it is.
-    env["git_commit"] = env["git_commit"] or os.environ.get("BENCH_COMMIT") or None
+    # A copy of the tree whose .git is missing or stale (e.g. a GPU machine's): BENCH_COMMIT says which commit it is.
+    env["git_commit"] = os.environ.get("BENCH_COMMIT")
+    if not env["git_commit"]:
+        with contextlib.suppress(OSError):
+            env["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or None
     return env
 
 
@@ -156,7 +158,8 @@ class StepTimer:
                         "steady_tokens": self.tokens[b] - self.tokens[a],
                         "steady_tokens_per_second": round((self.tokens[b] - self.tokens[a]) / dt, 1),
                         "seconds_per_step": round(dt / (b - a), 3),
-                        "first_step_seconds": round(t[min(t)] - self.t_begin, 3) if self.t_begin else None}
+                        "first_step_seconds": round(t[min(t)] - self.t_begin, 3) if self.t_begin else None,
+                        "step_seconds": [round(y - x, 3) for (_, x), (_, y) in zip(self.steps, self.steps[1:])]}
 
         return _Timer()
 
