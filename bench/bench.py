@@ -1,6 +1,6 @@
 """qlora-job against the seed article's recipe, side by side on one GPU, same model shape, same data.
 
-    python bench/bench.py run --shape 13b --out bench/results              # everything (about 25 min on an H100)
+    python bench/bench.py run --shape 13b --out bench/results              # everything (about 20 min on an H100)
     python bench/bench.py run --shape 13b --parts sft --out DIR            # one part: sft, dpo or e2e
     python bench/bench.py report bench/results/*.json > bench/results/RESULTS.md
 
