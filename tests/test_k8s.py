@@ -443,7 +443,9 @@ def test_multinode_torchrun_settings_match_the_jobset():
     assert w["spec"]["coordinator"] == {"replicatedJob": rj["name"], "jobIndex": 0, "podIndex": 0}
     assert int(env["PET_MASTER_PORT"]["value"]) in {p["containerPort"] for p in c["ports"]}
     assert c["command"][:3] == ["env", "-u", "JOB_COMPLETION_INDEX"]
-    assert c["command"][3:] == ["python", "-m", "torch.distributed.run", "--module", "job"]
+    # launch.py (in the image beside entrypoint.sh): torchrun, exiting with the worker's code for the failure policy.
+    assert c["command"][3:] == ["python", "/opt/qlora-job/launch.py", "--module", "job"]
+    assert "COPY entrypoint.sh docker/launch.py /opt/qlora-job/" in (ROOT / "Dockerfile").read_text()
 
 
 def test_multinode_pod_template_comes_from_the_base():
