@@ -88,7 +88,7 @@ def test_sft_then_dpo_through_the_cli(gpu_model, gpu_data, tmp_path):
     assert (sft_dir / "adapter" / "adapter_model.safetensors").exists() and (sft_dir / "adapter" / "adapter_config.json").exists()
     assert run["device"].startswith("cuda") and run["config"]["quant"]["load_in"] == "4bit" and run["versions"]["bitsandbytes"]
     assert m["steps"] > 0 and m["tokens"] > 50_000  # 243 examples of ~450 tokens
-    assert m["tokens_per_second"] > 1000 and 1 < m["peak_gpu_memory_gib"] < 70
+    assert m["tokens_per_second"] > 0 and 1 < m["peak_gpu_memory_gib"] < 70  # speed targets live in bench/
     assert m["train_loss"] is not None and m["eval_loss"] is not None
     assert any(e.get("event") == "done" for e in json_lines(p.stderr))
     _keep(sft_dir, "sft")
