@@ -88,3 +88,19 @@ def test_unpacked_sft_uses_sorted_steps_and_packed_sft_does_not(tiny_model, tmp_
         sampler = trainer._get_train_sampler()
         assert isinstance(sampler, StepSortedSampler) == (expected is not None)
 
+    # Unpacked: the loss is normalised by the step's answer tokens (num_items_in_batch), so grouping does not matter.
+    s = settings(tiny_model, tmp_path, "sft", JOB_TRAIN__PACKING="false", JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE="2",
+                 JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS="4", JOB_LORA__DROPOUT="0")
+    trainer = sft.build_trainer(s, load_base_model(tiny_model, s), tok, Dataset.from_list(records), None, tmp_path / "ck", [],
+                                progress_bar=False)
+    ds, collate = trainer.train_dataset, trainer.data_collator
+    step = list(trainer._get_train_sampler())[:8]
+    items = sum(int((collate([ds[j]])["labels"] != -100).sum()) for j in step)
+    trainer.model.eval()
+
+    def step_loss(groups):
+        with torch.no_grad():
+            return sum(trainer.compute_loss(trainer.model, collate([ds[j] for j in g]), num_items_in_batch=items).item() for g in groups)
+
+    assert step_loss([step[i : i + 2] for i in range(0, 8, 2)]) == pytest.approx(step_loss([step[i::4] for i in range(4)]), rel=1e-4)
+
