@@ -60,7 +60,7 @@ def setup(log_format: str, secrets: list[str]) -> bool:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     logging.captureWarnings(True)  # library warnings become log records: same format, same redaction
-    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "httpx", "filelock", "huggingface_hub"):
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "httpx", "httpx2", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     import transformers
     import datasets

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from job import data, storage
 from job.checkpoints import CheckpointCallback, StopSignal, pull_latest
-from job.errors import DataError, Preempted
+from job.errors import DataError, ModelError, Preempted
 from job.settings import JobSettings
 
 log = logging.getLogger("job")
@@ -55,12 +55,17 @@ def pull_model(s: JobSettings, workdir: Path, *, tokenizer_only: bool = False) -
     """Base model (safetensors only) and the optional adapter to continue from."""
     from job.model import ADAPTER_FILES, MODEL_FILES, TOKENIZER_FILES
 
-    base_uri = storage.as_model_uri(s.base_model)
+    def pull(variable: str, uri_text: str, dest: Path, include: list[str]):
+        try:
+            return storage.pull(storage.as_model_uri(uri_text), dest, include=include, token=_token(s))
+        except DataError as exc:  # storage can't tell a model from data: missing here means a model problem (exit 4)
+            raise ModelError(f"{variable}: {exc}") from None
+
     include = TOKENIZER_FILES if tokenizer_only else MODEL_FILES
-    base_dir, base_id = storage.pull(base_uri, workdir / "model", include=include, token=_token(s))
+    base_dir, base_id = pull("JOB_BASE_MODEL", s.base_model, workdir / "model", include)
     adapter_dir, adapter_id = None, None
     if s.adapter:
-        adapter_dir, adapter_id = storage.pull(storage.as_model_uri(s.adapter), workdir / "adapter", include=ADAPTER_FILES, token=_token(s))
+        adapter_dir, adapter_id = pull("JOB_ADAPTER", s.adapter, workdir / "adapter", ADAPTER_FILES)
     return base_dir, adapter_dir, {"base_model": base_id, "adapter": adapter_id}
 
 
