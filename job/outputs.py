@@ -2,7 +2,8 @@
 
     adapter/          PEFT adapter (safetensors), tokenizer with the prompt format as chat template,
                       prompt_format.json, README.md (model card)
-    metrics.json      losses (run average and last logging window), steps, tokens, throughput, runtime, peak GPU memory (DPO: reward accuracy/margin)
+    metrics.json      losses and DPO reward accuracy/margin (run averages, and the last logging window), steps,
+                      tokens, throughput, runtime, peak GPU memory
     metrics.jsonl     one line per logging step
     run.json          resolved config (secrets masked), versions, base model and data identity, times, status
     checkpoints/      the latest training checkpoint while the run is in progress (for resuming)
