@@ -264,6 +264,7 @@ def run_job(stage: str, ctx: dict, name: str, overrides: dict, steps: int, adapt
     from job.settings import load_settings
     from job.stages import dpo as dpo_stage
     from job.stages import sft as sft_stage
+    from job.stages import common
     from job.stages.common import StepSortedSampler
 
     module = sft_stage if stage == "sft" else dpo_stage
@@ -288,9 +289,9 @@ def run_job(stage: str, ctx: dict, name: str, overrides: dict, steps: int, adapt
     settings = load_settings({k: v for k, v in env.items() if k not in switches})
     timer = StepTimer()
     original = module.build_trainer
-    original_sampler = module.step_sorted_sampler
+    original_sampler = common.step_sorted_sampler
     if "_unsorted" in switches:  # steps of one example: the sampler's seeded permutation, unsorted
-        module.step_sorted_sampler = lambda args, lengths: StepSortedSampler(lengths, 1, args.data_seed)
+        common.step_sorted_sampler = lambda args, lengths: StepSortedSampler(lengths, 1, args.data_seed)
 
     def build_trainer(*a, **kw):  # the job's own trainer, plus our timer
         trainer = original(*a, **kw)
@@ -310,7 +311,7 @@ def run_job(stage: str, ctx: dict, name: str, overrides: dict, steps: int, adapt
             r["wall_s"] = round(time.perf_counter() - t0, 2)
     finally:
         module.build_trainer = original
-        module.step_sorted_sampler = original_sampler
+        common.step_sorted_sampler = original_sampler
     m = json.loads((out / "metrics.json").read_text())
     r["metrics"] = m
     r.update({k: m.get(k) for k in ("steps", "tokens", "train_runtime_s", "tokens_per_second", "train_loss")})

@@ -45,6 +45,25 @@ def step_sorted_sampler(args, lengths: list[int]) -> StepSortedSampler:
     return StepSortedSampler(lengths, step, args.data_seed if args.data_seed is not None else args.seed)
 
 
+def make_trainer(trainer_cls, s: JobSettings, model, args, tokenizer, train_ds, eval_ds, callbacks, padded_lengths):
+    """TRL's trainer for a stage, with a new LoRA adapter (or the PeftModel's own, from JOB_ADAPTER) and length-sorted
+    micro-batches. `padded_lengths(args, dataset)` is each example's padded length, or None where nothing is padded
+    (packed SFT): then the trainer's own sampler."""
+    from job.model import lora_config
+
+    class Trainer(trainer_cls):
+        def _get_train_sampler(self, train_dataset=None):
+            lengths = padded_lengths(self.args, self.train_dataset if train_dataset is None else train_dataset)
+            if lengths is None:
+                return super()._get_train_sampler(train_dataset)
+            return step_sorted_sampler(self.args, lengths)
+
+    # A PeftModel (JOB_ADAPTER) keeps training its adapter (DPO: TRL copies it into a frozen "ref" adapter).
+    peft_config = None if hasattr(model, "peft_config") else lora_config(s.lora)
+    return Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+                   peft_config=peft_config, callbacks=callbacks)
+
+
 def activation_bytes_per_token(config, liger: bool) -> int | None:
     """Activations one token keeps per decoder stack for the backward pass without checkpointing (bf16, LoRA with
     dropout on every projection), for a Llama-like config; None when the config does not say. Measured: 13B 9.7 MiB,

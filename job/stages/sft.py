@@ -9,13 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from job.settings import JobSettings
-from job.stages.common import step_sorted_sampler, training_args
+from job.stages.common import make_trainer, training_args
+
+
+def example_lengths(args, dataset) -> list[int] | None:
+    """Padded length of each tokenized example; None when packed (no padding: TRL's own sampler)."""
+    return None if args.packing else [min(len(x), args.max_length) for x in dataset["input_ids"]]
 
 
 def build_trainer(s: JobSettings, model, tokenizer, train_ds, eval_ds, checkpoint_dir: Path, callbacks, *, progress_bar: bool):
     from trl import SFTConfig, SFTTrainer
-
-    from job.model import lora_config
 
     args = SFTConfig(
         **training_args(s, checkpoint_dir, has_eval=eval_ds is not None, progress_bar=progress_bar, model=model),
@@ -28,23 +31,4 @@ def build_trainer(s: JobSettings, model, tokenizer, train_ds, eval_ds, checkpoin
         padding_free=s.train.packing,
         dataset_num_proc=1,
     )
-    peft_config = None if hasattr(model, "peft_config") else lora_config(s.lora)
-
-    class Trainer(SFTTrainer):
-        # Without packing, rows are padded to the longest in a micro-batch: group similar lengths within each step
-        # (the same examples per step; the loss is normalised per step, so the gradient is unchanged).
-        def _get_train_sampler(self, train_dataset=None):
-            ds = self.train_dataset if train_dataset is None else train_dataset
-            if self.args.packing:
-                return super()._get_train_sampler(train_dataset)
-            return step_sorted_sampler(self.args, [min(len(x), self.args.max_length) for x in ds["input_ids"]])
-
-    return Trainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=callbacks,
-    )
+    return make_trainer(SFTTrainer, s, model, args, tokenizer, train_ds, eval_ds, callbacks, example_lengths)
