@@ -60,7 +60,7 @@ def test_hadolint_passes():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_locks_pin_every_dependency_with_hashes_and_match_the_tested_environment():
+def test_locks_pin_every_dependency_with_hashes_and_agree_with_pyproject_and_the_constraints():
     cuda, main = read_lock(LOCKS["cuda"]), read_lock(LOCKS["main"])
     assert not set(cuda) & set(main), "a package is in both locks"
     pins = {**cuda, **main}
@@ -72,19 +72,28 @@ def test_locks_pin_every_dependency_with_hashes_and_match_the_tested_environment
         assert name in pins, f"{name} is not locked: run docker/lock.sh"
         assert req.specifier.contains(pins[name][0], prereleases=True), f"{name}=={pins[name][0]} does not satisfy {spec}"
     assert "torch" in cuda and {"triton", "liger-kernel"} <= set(cuda)
-    # What the tests run on here is what the image ships (torch: the same release, its CPU build here).
-    # The CUDA-only wheels (nvidia-*, triton) are not part of the CPU environment; a package that happens to pull
-    # one in here says nothing about the image, so only the main lock and torch are compared.
+    # docker/constraints.txt is the lock without hashes (docker/lock.sh writes both): the README's test command installs
+    # with it, so the tests run on the image's versions whatever PyPI has released since.
+    constraints = dict(re.findall(r"^([A-Za-z0-9._-]+)==(\S+)$", (ROOT / "docker" / "constraints.txt").read_text(), re.M))
+    assert {k.lower(): v for k, v in constraints.items()} == {**{k: v for k, (v, _) in main.items()}, "torch": cuda["torch"][0]}, \
+        "docker/constraints.txt is not the lock's versions: run docker/lock.sh"
+
+
+def test_the_tested_environment_is_what_the_image_ships():
+    """Installed as the README says (`pip install -e '.[test]' -c docker/constraints.txt`), every locked package that
+    is installed here has its locked version (torch: the same release, its CPU build). This compares two files of this
+    repository with each other, never with what the package index serves today."""
+    constraints = dict(re.findall(r"^([A-Za-z0-9._-]+)==(\S+)$", (ROOT / "docker" / "constraints.txt").read_text(), re.M))
     drift = []
-    for name, (version, _) in {**main, "torch": cuda["torch"]}.items():
+    for name, version in constraints.items():
         try:
             installed = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
         if installed.split("+")[0] != version:
             drift.append(f"{name} {installed} installed, {version} locked")
-    assert not drift, ("the tested environment is not what the image ships: " + "; ".join(drift) + ". Install the "
-                       f"locked torch (pip install torch=={pins['torch'][0]} with the project) or move the locks (docker/lock.sh)")
+    assert not drift, ("the tested environment is not what the image ships: " + "; ".join(drift) + ". Install as the "
+                       "README says: pip install -e '.[test]' -c docker/constraints.txt")
 
 
 def _entrypoint_sandbox(tmp_path: Path, gpus: int) -> tuple[Path, dict]:
