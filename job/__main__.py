@@ -1,23 +1,38 @@
 """Command line: `python -m job` (or `qlora-job`).
 
     qlora-job                  run the stage configured by JOB_* variables
-    qlora-job --check          validate config and data, print dataset stats (downloads data and tokenizer only)
+    qlora-job --check          every check a run makes before downloading weights (config, storage, data, model,
+                               run identity, EOS, length policy), and what the run would do; downloads data and
+                               the model's small files only
     qlora-job --print-config   print the resolved configuration, secrets masked
     qlora-job demo [DIR]       SFT then DPO of a tiny model on built-in data, on CPU, in a couple of minutes
 
-Exit codes: see job/exitcodes.py (0 ok, 1 internal, 2 config, 3 data, 4 model, 5 GPU OOM, 75 transient, 143 stopped).
+Exit codes: see job/exitcodes.py (0 ok, 1 internal, 2 config, 3 data, 4 model, 5 GPU OOM, 75 transient,
+130 interrupted, 143 stopped).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
+import signal
 import sys
 
-from job import logs
-from job.errors import JobError
-from job.exitcodes import ExitCode
+
+def _stop_early(signum, frame):
+    # Ctrl-C or SIGTERM while the libraries are still importing: stop quietly with the signal's code, no traceback.
+    # (Replaced by job.checkpoints.StopSignal once the job is running.)
+    print(f"qlora-job: {signal.Signals(signum).name} received before the job started; stopping", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
+for _sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(_sig, _stop_early)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+
+from job.errors import JobError  # noqa: E402
+from job.exitcodes import ExitCode  # noqa: E402
 
 log = logging.getLogger("job")
 
@@ -29,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Exit codes: " + ", ".join(f"{c.value} {c.name.lower()}" for c in ExitCode) + ". See README.md for every variable.",
     )
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--check", action="store_true", help="validate config and data and print dataset stats; no model, no training")
+    mode.add_argument("--check", action="store_true",
+                      help="run every check a run makes before downloading weights, and print what it would do")
     mode.add_argument("--print-config", action="store_true", help="print the resolved configuration (secrets masked) and exit")
     p.add_argument("command", nargs="?", choices=["demo"], help="demo: run SFT then DPO on a tiny built-in model and data (CPU)")
     p.add_argument("demo_dir", nargs="?", default="qlora-demo", help="where the demo writes its model, data and outputs")
@@ -38,9 +54,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from job import logs
+    from job.checkpoints import StopSignal
     from job.settings import load_settings, secret_values
 
     logs.setup("auto", secret_values())
+    stop = StopSignal()
+    stop.install()  # from here on a signal raises Preempted (exit 143/130) until training starts
     try:
         if args.command == "demo":
             from job.demo import run_demo
@@ -56,10 +76,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             print(json.dumps(pipeline.check(settings), ensure_ascii=False, indent=2))
             return ExitCode.OK
-        from job.checkpoints import StopSignal
-
-        stop = StopSignal()
-        stop.install()
         pipeline.run(settings, stop=stop, progress_bar=progress_bar)
         return ExitCode.OK
     except JobError as exc:
@@ -69,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         if isinstance(exc, torch.OutOfMemoryError):
-            log.error("out of GPU memory: lower JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE or JOB_TRAIN__MAX_LENGTH, or keep "
+            log.error("out of GPU memory: lower JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE or JOB_TRAIN__MAX_LENGTH, or set "
                       "JOB_TRAIN__GRADIENT_CHECKPOINTING=true", extra={"fields": {"event": "error", "exit_code": int(ExitCode.OOM)}})
             return ExitCode.OOM
         log.exception("internal error (a bug; please report it): %s", type(exc).__name__,

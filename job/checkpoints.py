@@ -36,7 +36,8 @@ class StopSignal:
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
         if self.received or not self.training:
-            raise Preempted(f"{name} received; stopping" + (" (second signal)" if self.received else " before training started"))
+            raise Preempted(f"{name} received; stopping" + (" (second signal)" if self.received else " before training started"),
+                            signal_name=name)
         self.received = name
         log.warning("%s received: saving a checkpoint after this step, then stopping", name)
 
@@ -51,6 +52,10 @@ class CheckpointCallback(TrainerCallback):
         if self.stop.received:
             control.should_save = True
             control.should_training_stop = True
+        if state.global_step >= state.max_steps:
+            # The finished training is a checkpoint too: if the final upload fails (network, a reclaimed node), the
+            # rerun resumes here and only uploads, instead of training again from the last periodic checkpoint.
+            control.should_save = True
         return control
 
     def on_save(self, args, state, control, **kwargs):
@@ -75,12 +80,19 @@ def complete_checkpoints(remote: storage.Uri, token: str | None) -> list[str]:
     return [f"checkpoint-{s}" for s in steps]
 
 
-def pull_latest(remote: storage.Uri, local_dir: Path, token: str | None) -> Path | None:
-    """Download the latest complete checkpoint, if any; returns its local directory."""
+def pull_latest(remote: storage.Uri, local_dir: Path, token: str | None, identity: str | None = None) -> Path | None:
+    """Download the latest complete checkpoint, if any; returns its local directory. A checkpoint written by a run of
+    another identity (job_state.json, see stages/common.py) is never resumed from."""
+    import json
+
     done = complete_checkpoints(remote, token)
     if not done:
         return None
     name = done[-1]
     path, _ = storage.pull(remote.join(name + "/"), local_dir / name, token=token)
+    saved = Path(path) / "job_state.json"
+    if identity and saved.exists() and json.loads(saved.read_text()).get("identity") not in (None, identity):
+        log.warning("not resuming from %s: it belongs to another run identity", remote.join(name))
+        return None
     log.info("resuming from %s", remote.join(name))
     return path

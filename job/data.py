@@ -231,8 +231,9 @@ def _dpo_record(rec: dict, c: ColumnSettings, where: str) -> dict:
     return {"prompt": prompt, "chosen": chosen[-1:], "rejected": rejected[-1:]}
 
 
-def load_records(path: Path, display: str, stage: str, columns: ColumnSettings) -> list[dict]:
-    """Read and validate every file at `path`; returns normalised records (prompt as messages, answer as messages)."""
+def load_records(path: Path, display: str, stage: str, columns: ColumnSettings, report: list | None = None) -> list[dict]:
+    """Read and validate every file at `path`; returns normalised records (prompt as messages, answer as messages,
+    `source`: file and row). `report`, when given, gets one entry per file read: name, format, records."""
     records: list[dict] = []
     for file, name in data_files(path, display):
         fmt = None
@@ -242,7 +243,8 @@ def load_records(path: Path, display: str, stage: str, columns: ColumnSettings) 
             if not isinstance(rec, dict):
                 raise DataError(f"{where}: expected an object with named fields, got {type(rec).__name__}")
             if stage == "dpo":
-                records.append(_dpo_record(rec, columns, where))
+                records.append({**_dpo_record(rec, columns, where), "source": where})
+                fmt = "prompt_chosen_rejected"
                 continue
             if fmt is None:
                 fmt = _sft_format(set(rec), columns)
@@ -252,9 +254,11 @@ def load_records(path: Path, display: str, stage: str, columns: ColumnSettings) 
                         "input+output, prompt+completion or messages (or map yours with JOB_COLUMNS__PROMPT and "
                         "JOB_COLUMNS__COMPLETION)"
                     )
-            records.append(_sft_record(rec, fmt, columns, where))
+            records.append({**_sft_record(rec, fmt, columns, where), "source": where})
         if len(records) == before:
             raise DataError(f"{name}: no records (only a header or blank lines)")
+        if report is not None:
+            report.append({"file": name, "format": fmt, "records": len(records) - before})
     return records
 
 

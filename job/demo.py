@@ -16,20 +16,25 @@ from pathlib import Path
 log = logging.getLogger("job.demo")
 
 
-def build_tiny_model(dest: Path, texts: list[str], *, hidden: int = 64, layers: int = 2, vocab_size: int = 600, seed: int = 0) -> Path:
-    """A random-weight LlamaForCausalLM and its tokenizer, saved as safetensors in `dest` (no chat template)."""
+def build_tiny_model(dest: Path, texts: list[str], *, hidden: int = 64, layers: int = 2, vocab_size: int = 600, seed: int = 0,
+                     extra_specials: list[str] = (), chat_template: str | None = None) -> Path:
+    """A random-weight LlamaForCausalLM and its tokenizer, saved as safetensors in `dest` (no chat template unless
+    given; `extra_specials` are added to the vocabulary as special tokens, e.g. ChatML's `<|im_end|>`)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     dest.mkdir(parents=True, exist_ok=True)
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    specials = ["<unk>", "<s>", "</s>", "<pad>", *extra_specials]
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(texts + ["### 指示\n", "### 回答\n"], trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                  additional_special_tokens=list(extra_specials) or None)
+    if chat_template:
+        tok.chat_template = chat_template
     tok.save_pretrained(dest)
     torch.manual_seed(seed)
     config = LlamaConfig(

@@ -26,6 +26,12 @@ class ModelError(JobError):
     exit_code = ExitCode.MODEL
 
 
+class OutOfMemory(JobError):
+    """Out of GPU memory with this configuration; the message names the settings to lower."""
+
+    exit_code = ExitCode.OOM
+
+
 class TransientError(JobError):
     """Storage or network failed after the clients' own retries; running again may succeed."""
 
@@ -33,6 +39,13 @@ class TransientError(JobError):
 
 
 class Preempted(JobError):
-    """SIGTERM/SIGINT: the pod is being stopped. A checkpoint was uploaded if training had started."""
+    """SIGTERM/SIGINT: the pod is being stopped. A checkpoint was uploaded if training had started.
+    Exit 143 for SIGTERM, 130 for SIGINT (Ctrl-C), as a process killed by the signal would report."""
 
-    exit_code = ExitCode.PREEMPTED
+    def __init__(self, message: str, signal_name: str = "SIGTERM"):
+        super().__init__(message)
+        self.signal_name = signal_name
+
+    @property
+    def exit_code(self):  # type: ignore[override]
+        return ExitCode.INTERRUPTED if self.signal_name == "SIGINT" else ExitCode.PREEMPTED

@@ -24,9 +24,11 @@ class ExitCode(IntEnum):
     OOM = 5
     #: Storage or network failure after the client's own retries (S3, Hugging Face Hub): retry.
     TRANSIENT = 75  # EX_TEMPFAIL
-    #: Stopped by SIGTERM/SIGINT (spot reclaim, node drain); a checkpoint was uploaded if training had started: retry.
+    #: Stopped by SIGINT (Ctrl-C); a checkpoint was uploaded if training had started: rerun to continue.
+    INTERRUPTED = 130  # 128 + SIGINT
+    #: Stopped by SIGTERM (spot reclaim, node drain); a checkpoint was uploaded if training had started: retry.
     PREEMPTED = 143  # 128 + SIGTERM, what a killed process would report anyway
 
 
 PERMANENT = frozenset({ExitCode.CONFIG, ExitCode.DATA, ExitCode.MODEL, ExitCode.OOM})
-RETRYABLE = frozenset({ExitCode.TRANSIENT, ExitCode.PREEMPTED})
+RETRYABLE = frozenset({ExitCode.TRANSIENT, ExitCode.INTERRUPTED, ExitCode.PREEMPTED})

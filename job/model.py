@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from job.errors import ModelError
+from job.errors import ConfigError, ModelError
 from job.settings import JobSettings, LoraSettings, QuantSettings
 
 log = logging.getLogger(__name__)
@@ -33,14 +33,16 @@ INSTRUCTION_TEMPLATE = (
 
 #: Only these files are fetched for a base model: weights as safetensors (never pickles), configs, tokenizer.
 MODEL_FILES = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
-TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "*.tiktoken", "vocab*", "merges.txt", "chat_template*", "config.json"]
+TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "*.tiktoken", "vocab*", "merges.txt", "chat_template*", "config.json",
+                   "generation_config.json"]
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "tokenizer*", "special_tokens_map.json", "chat_template*", "prompt_format.json", "*.model"]
 
 
-def load_tokenizer(model_dir: Path, adapter_dir: Path | None, prompt_format: str):
+def load_tokenizer(model_dir: Path, adapter_dir: Path | None, prompt_format: str, *, eos_token: str | None = None):
     """The tokenizer and the name of the prompt format in use.
 
     Continuing an adapter (DPO after SFT) reuses the tokenizer saved with it, so both stages use the same format.
+    `eos_token` (JOB_TRAIN__EOS_TOKEN) replaces the tokenizer's EOS: it must be one token of the vocabulary.
     """
     from transformers import AutoTokenizer
 
@@ -49,8 +51,14 @@ def load_tokenizer(model_dir: Path, adapter_dir: Path | None, prompt_format: str
         tok = AutoTokenizer.from_pretrained(source)
     except Exception as exc:
         raise ModelError(f"{source}: can't load the tokenizer ({type(exc).__name__}: {exc})") from None
+    if eos_token is not None:
+        if eos_token not in tok.get_vocab():
+            ids = tok(eos_token, add_special_tokens=False)["input_ids"]
+            raise ConfigError(f"JOB_TRAIN__EOS_TOKEN={eos_token!r}: not a single token of the tokenizer's vocabulary "
+                              f"(it encodes as {len(ids)} tokens); name a special token such as {tok.eos_token!r}")
+        tok.eos_token = eos_token
     if tok.eos_token is None:
-        raise ModelError(f"{source}: the tokenizer has no EOS token; training examples must end with one")
+        raise ModelError(f"{source}: the tokenizer has no EOS token; training examples must end with one (set JOB_TRAIN__EOS_TOKEN)")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # padding is masked out of the loss; any id works
     if source == adapter_dir and tok.chat_template:

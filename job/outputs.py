@@ -2,9 +2,9 @@
 
     adapter/          PEFT adapter (safetensors), tokenizer with the prompt format as chat template,
                       prompt_format.json, README.md (model card)
-    metrics.json      losses and DPO reward accuracy/margin (run averages, and the last logging window), steps,
-                      tokens, throughput, runtime, peak GPU memory
-    metrics.jsonl     one line per logging step
+    metrics.json      losses, SFT token accuracy, DPO reward accuracy/margin/log-probs (run averages, the last logging
+                      window, and held-out), steps, tokens, this session's throughput, peak GPU memory, length policy
+    metrics.jsonl     one line per logged step of the whole run (every save and the last step included)
     run.json          resolved config (secrets masked), versions, base model and data identity, times, status
     checkpoints/      the latest training checkpoint while the run is in progress (for resuming)
     _SUCCESS          written last, only when everything above is uploaded
@@ -55,21 +55,33 @@ def _clean(value):
 
 
 class MetricsCallback(TrainerCallback):
-    """Appends each logging step to metrics.jsonl, and emits it as one JSON log line when there is no progress bar."""
+    """Makes the trainer's log history complete, and emits each logging step as one JSON log line (no progress bar).
 
-    def __init__(self, path: Path, emit: bool):
-        self.path, self.emit = path, emit
-        self.history: list[dict] = []
+    transformers logs every LOGGING_STEPS steps and not at the last step, so the steps after the last multiple of
+    LOGGING_STEPS are in no row; and a checkpoint saved between two log rows resumes without the rows of the steps
+    before it. A log row at the last step and at every save closes both gaps: the history in the final checkpoint
+    (trainer_state.json, restored on resume) then covers every step of the run exactly once, across sessions."""
+
+    def __init__(self, emit: bool):
+        self.emit = emit
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save or state.global_step >= state.max_steps:
+            control.should_log = True
+        return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        row = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **{k: _clean(v) for k, v in logs.items()}}
-        self.history.append(row)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        if self.emit:
-            log.info("step %d", state.global_step, extra={"fields": {"event": "metrics", **row}})
+        if self.emit and state.is_world_process_zero and logs:
+            row = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **{k: _clean(v) for k, v in logs.items()}}
+            log.info("step %d", state.global_step, extra={"fields": {"event": "metrics", "max_steps": state.max_steps, **row}})
+
+
+def write_history(path: Path, log_history: list[dict]) -> None:
+    """metrics.jsonl: one line per logged step of the whole run (the trainer's history survives resumes)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for row in log_history:
+            if "step" in row:
+                f.write(json.dumps({k: _clean(v) for k, v in row.items()}, ensure_ascii=False) + "\n")
 
 
 def run_mean(history: list[dict], key: str) -> float | None:
@@ -84,46 +96,60 @@ def run_mean(history: list[dict], key: str) -> float | None:
     return round(total / steps, 6) if steps else None
 
 
-def final_metrics(stage: str, trainer, train_result, history: list[dict], eval_metrics: dict | None, wall_s: float) -> dict:
+def final_metrics(stage: str, trainer, train_result, eval_metrics: dict | None, *, lengths: dict) -> dict:
+    """metrics.json. Run figures come from the trainer's log history, which covers every step of the run across
+    resumes; throughput is this session's (the steps this process trained), labelled so."""
     import torch
 
-    # The trainer's log history survives a resume (it is in the checkpoint); the callback's starts at the resume.
-    history = [h for h in (getattr(trainer.state, "log_history", None) or history) if "step" in h] or history
-    last_train = next((h for h in reversed(history) if "loss" in h), {})
+    history = [h for h in trainer.state.log_history if "step" in h and "loss" in h]  # training rows, not eval/summary
+    last = history[-1] if history else {}
     tm = train_result.metrics
-    runtime = tm.get("train_runtime") or wall_s
-    tokens = int(max((h.get("num_tokens") or 0 for h in history), default=0))
+    runtime = tm.get("train_runtime") or 0.0
+    resumed = getattr(trainer, "job_resumed", {"step": 0, "tokens": 0})
+    tokens = int(last.get("num_tokens") or 0)
+    session_tokens = tokens - int(resumed["tokens"])
+    session_steps = trainer.state.global_step - int(resumed["step"])
     out = {
         "stage": stage,
         "steps": trainer.state.global_step,
         "epochs": round(trainer.state.epoch or 0, 4),
-        # Averages over the run; *_last: the last logging window (JOB_TRAIN__LOGGING_STEPS steps).
+        # Averages over the whole run; *_last: the last logging window (at most JOB_TRAIN__LOGGING_STEPS steps).
         "train_loss": run_mean(history, "loss"),
-        "train_loss_last": _clean(last_train.get("loss")),
+        "train_loss_last": _clean(last.get("loss")),
         "eval_loss": _clean((eval_metrics or {}).get("eval_loss")),
-        "train_runtime_s": round(runtime, 3),
-        "train_samples_per_second": tm.get("train_samples_per_second"),
-        # Non-padding tokens processed (TRL's num_tokens: prompt and answer, every epoch); per second of training.
+        # Non-padding tokens trained on (TRL's num_tokens: prompt and answer, every epoch), the whole run.
         "tokens": tokens,
-        "tokens_per_second": round(tokens / runtime, 2) if runtime and tokens else None,
+        # This session: the steps this process trained (all of them unless it resumed from a checkpoint).
+        "session": {"resumed_from_step": int(resumed["step"]), "steps": session_steps, "tokens": session_tokens},
+        "train_runtime_s": round(runtime, 3),
+        "tokens_per_second": round(session_tokens / runtime, 2) if runtime and session_tokens else None,
         # TRL gathers num_tokens over all processes: the line above is the total, this one per GPU (or CPU process).
         "world_size": trainer.args.world_size,
-        "tokens_per_second_per_device": round(tokens / runtime / trainer.args.world_size, 2) if runtime and tokens else None,
+        "tokens_per_second_per_device": round(session_tokens / runtime / trainer.args.world_size, 2) if runtime and session_tokens else None,
         "peak_gpu_memory_gib": None,
         "peak_gpu_memory_reserved_gib": None,
+        # What the length policy did (job/sequences.py): examples kept, prompts cut, dropped, and the first rows of each.
+        "length_policy": lengths,
     }
     if torch.cuda.is_available():
         out["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         out["peak_gpu_memory_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
-    if stage == "dpo":
-        out["reward_accuracy"] = run_mean(history, "rewards/accuracies")
-        out["reward_margin"] = run_mean(history, "rewards/margins")
-        out["reward_accuracy_last"] = _clean(last_train.get("rewards/accuracies"))
-        out["reward_margin_last"] = _clean(last_train.get("rewards/margins"))
-        out["pairs_per_second"] = tm.get("train_samples_per_second")
+    if stage == "sft":
+        out["mean_token_accuracy"] = run_mean(history, "mean_token_accuracy")
+        out["mean_token_accuracy_last"] = _clean(last.get("mean_token_accuracy"))
         if eval_metrics:
-            out["eval_reward_accuracy"] = _clean(eval_metrics.get("eval_rewards/accuracies"))
-            out["eval_reward_margin"] = _clean(eval_metrics.get("eval_rewards/margins"))
+            out["eval_mean_token_accuracy"] = _clean(eval_metrics.get("eval_mean_token_accuracy"))
+    if stage == "dpo":
+        for key, name in (("rewards/accuracies", "reward_accuracy"), ("rewards/margins", "reward_margin"),
+                          ("logps/chosen", "logps_chosen"), ("logps/rejected", "logps_rejected")):
+            out[name] = run_mean(history, key)
+            out[f"{name}_last"] = _clean(last.get(key))
+            if eval_metrics:
+                out[f"eval_{name}"] = _clean(eval_metrics.get(f"eval_{key}"))
+        # Pairs this session: each pair is a chosen and a rejected row; every process trains as many.
+        pairs = getattr(trainer, "job_rows_seen", 0) // 2 * trainer.args.world_size
+        out["session"]["pairs"] = pairs
+        out["pairs_per_second"] = round(pairs / runtime, 4) if runtime and pairs else None
     return out
 
 

@@ -1,4 +1,5 @@
-"""One run, top to bottom: settings -> pull -> data -> model -> train (TRL) -> outputs -> push -> _SUCCESS.
+"""One run, top to bottom: settings -> preflight (every check, no weights) -> weights -> train (TRL) -> outputs ->
+push -> _SUCCESS.
 
     >>> from job.settings import load_settings
     >>> from job.pipeline import run
@@ -7,87 +8,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from job import data, storage
+from job import preflight, storage
 from job.checkpoints import CheckpointCallback, StopSignal, pull_latest
-from job.errors import DataError, ModelError, Preempted
+from job.errors import ModelError, OutOfMemory, Preempted
 from job.settings import JobSettings
 
 log = logging.getLogger("job")
 
 
-@dataclass
-class Inputs:
-    """What the run read, and how to recognise it again (run.json's `inputs`)."""
-
-    train: list[dict]
-    eval: list[dict]
-    identity: dict = field(default_factory=dict)
-
-
-def _token(s: JobSettings) -> str | None:
-    return s.hf_token.get_secret_value() if s.hf_token else None
-
-
-def read_data(s: JobSettings, workdir: Path) -> Inputs:
-    """Pull and validate the training (and eval) data. Raises DataError naming file and row."""
-    identity = {}
-    sets = {}
-    for role, uri_text in (("train", s.data), ("eval", s.eval_data)):
-        if not uri_text:
-            continue
-        path, ident = storage.pull(storage.parse_uri(uri_text), workdir / "data" / role, token=_token(s))
-        files = data.data_files(path, uri_text)
-        ident["sha256"] = {name: storage.sha256(p) for p, name in files}
-        identity[role] = ident
-        sets[role] = data.load_records(path, uri_text, s.stage, s.columns)
-    train, held_out = data.split_eval(sets["train"], s.eval_fraction, s.train.seed)
-    return Inputs(train=train, eval=sets.get("eval", held_out), identity=identity)
-
-
-def pull_model(s: JobSettings, workdir: Path, *, tokenizer_only: bool = False) -> tuple[Path, Path | None, dict]:
-    """Base model (safetensors only) and the optional adapter to continue from."""
-    from job.model import ADAPTER_FILES, MODEL_FILES, TOKENIZER_FILES
-
-    def pull(variable: str, uri_text: str, dest: Path, include: list[str]):
-        try:
-            return storage.pull(storage.as_model_uri(uri_text), dest, include=include, token=_token(s))
-        except DataError as exc:  # storage can't tell a model from data: missing here means a model problem (exit 4)
-            raise ModelError(f"{variable}: {exc}") from None
-
-    include = TOKENIZER_FILES if tokenizer_only else MODEL_FILES
-    base_dir, base_id = pull("JOB_BASE_MODEL", s.base_model, workdir / "model", include)
-    adapter_dir, adapter_id = None, None
-    if s.adapter:
-        adapter_dir, adapter_id = pull("JOB_ADAPTER", s.adapter, workdir / "adapter", ADAPTER_FILES)
-    return base_dir, adapter_dir, {"base_model": base_id, "adapter": adapter_id}
-
-
 def check(s: JobSettings) -> dict:
-    """--check: validate config and data, report dataset stats; downloads the data and the tokenizer only."""
-    from job.model import load_tokenizer
-
-    workdir = Path(s.workdir) / "check"
-    inputs = read_data(s, workdir)
-    base_dir, adapter_dir, _ = pull_model(s, workdir, tokenizer_only=True)
-    tokenizer, fmt = load_tokenizer(base_dir, adapter_dir, s.prompt_format)
-    report = {
-        "stage": s.stage,
-        "prompt_format": fmt,
-        "train": data.token_stats(inputs.train, tokenizer, s.train.max_length),
-        "eval": data.token_stats(inputs.eval, tokenizer, s.train.max_length) if inputs.eval else None,
-        "inputs": inputs.identity,
-    }
-    if report["train"]["over_max_length"]:
-        log.warning("%d training records are longer than JOB_TRAIN__MAX_LENGTH=%d and will be truncated",
-                    report["train"]["over_max_length"], s.train.max_length)
-    return report
+    """--check: every check a run makes before downloading weights; returns what the run would do."""
+    return preflight.prepare(s, s.resolved_run_id(), dry=True).report
 
 
 def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = False) -> str:
@@ -95,23 +34,23 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
     import torch
 
     from job import outputs
-    from job.model import load_adapter, load_base_model, load_tokenizer
-    from job.stages import dpo, sft
 
     stop = stop or StopSignal()
     started = datetime.now(timezone.utc)
     t0 = time.monotonic()
+    state = _distributed_state()
     run_id = _same_on_every_process(s.resolved_run_id())
-    token = _token(s)
-    remote = storage.parse_uri(s.output).join(run_id)
+    tok = preflight.token(s)
 
-    # 1. Idempotence: a run id that already succeeded is not trained again (a retried Job finishing late, a CI re-run).
-    if storage.exists(remote.join("_SUCCESS"), token):
+    # 1. Everything that can fail before the weights: writability, data, model identity and modules, run identity,
+    #    EOS and length policy. Data and small files come once per node (the node's first process fetches them).
+    with _first_process_per_node():
+        plan = preflight.prepare(s, run_id, dry=not state.is_main_process, world_size=state.num_processes)
+    remote = plan.remote
+    if plan.state == "succeeded":
         log.info("run %s already succeeded at %s; nothing to do", run_id, remote)
         return str(remote)
-
-    workdir = Path(s.workdir) / run_id
-    out = workdir / "out"
+    out = plan.workdir / "out"
     with _first_process_per_node():
         if out.exists():
             shutil.rmtree(out)  # leftovers of an earlier attempt in this pod are never published
@@ -119,51 +58,26 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
     log.info("run %s: %s of %s -> %s", run_id, s.stage, s.base_model, remote,
              extra={"fields": {"event": "start", "run_id": run_id, "stage": s.stage, "output": str(remote)}})
 
-    # 2-4 run on the node's first process first; the others then find the files in place (one download per node).
+    # 2. What this run is, recorded before the expensive part: a later start with this run id must match it.
+    if state.is_main_process and plan.state == "new":
+        preflight.record_identity(plan, tok)
+
+    # 3. The weights (safetensors only), at the revision identified in 1.
     with _first_process_per_node():
-        # 2. Data first: bad data must fail before gigabytes of weights are downloaded or a GPU is warmed up.
-        inputs = read_data(s, workdir)
-        log.info("data: %d training and %d eval records", len(inputs.train), len(inputs.eval))
+        base_dir = _pull_weights(s, plan)
 
-        # 3. Model: the base, then the adapter to continue (DPO after SFT), with the tokenizer that matches it.
-        base_dir, adapter_dir, model_identity = pull_model(s, workdir)
+    # 4. Train: TRL owns the loop; a retried pod continues from the last uploaded checkpoint of this run.
+    trainer, result, resume_from = _train(s, plan, base_dir, stop, progress_bar)
+    eval_metrics = trainer.evaluate() if plan.eval is not None else None
 
-        # 4. Resume: a pod retried with the same run id continues from the last uploaded checkpoint.
-        checkpoints = remote.join("checkpoints")
-        resume_from = pull_latest(checkpoints, workdir / "resume", token)
-    tokenizer, prompt_format = load_tokenizer(base_dir, adapter_dir, s.prompt_format)
-    model = load_base_model(base_dir, s)  # 4-bit NF4 by default, on this process's GPU
-    if adapter_dir:
-        model = load_adapter(model, adapter_dir)
-
-    # 5. Train: TRL owns the loop; our callbacks record metrics and upload checkpoints.
-    metrics_cb = outputs.MetricsCallback(out / "metrics.jsonl", emit=not progress_bar)
-    callbacks = [metrics_cb, CheckpointCallback(checkpoints, stop, token)]
-    stage = sft if s.stage == "sft" else dpo
-    train_ds = data.to_dataset(inputs.train)
-    eval_ds = data.to_dataset(inputs.eval) if inputs.eval else None
-    trainer = stage.build_trainer(s, model, tokenizer, train_ds, eval_ds, workdir / "checkpoints", callbacks, progress_bar=progress_bar)
-    if not progress_bar:
-        from transformers import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)  # our MetricsCallback prints the same as one JSON line
-    if len(trainer.train_dataset) == 0:
-        raise DataError(f"{s.data}: no training examples left after tokenization (all longer than JOB_TRAIN__MAX_LENGTH?)")
-    stop.training = True
-    try:
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    finally:
-        stop.training = False
-    if stop.received:
-        raise Preempted(f"{stop.received} received: checkpoint at step {trainer.state.global_step} uploaded to {checkpoints}")
-    eval_metrics = trainer.evaluate() if eval_ds is not None else None
-
-    # 6. Outputs: written locally, uploaded, then _SUCCESS last. Only one process uploads.
+    # 5. Outputs: written locally, uploaded, then _SUCCESS last. Only one process uploads.
     if not trainer.is_world_process_zero():
         return str(remote)
-    outputs.write_adapter(out / "adapter", trainer.model, tokenizer, prompt_format,
+    outputs.write_adapter(out / "adapter", trainer.model, plan.tokenizer, plan.prompt_format,
                           base=s.base_model, data=s.data, run_id=run_id, stage=s.stage)
-    metrics = outputs.final_metrics(s.stage, trainer, result, metrics_cb.history, eval_metrics, time.monotonic() - t0)
+    outputs.write_history(out / "metrics.jsonl", trainer.state.log_history)
+    metrics = outputs.final_metrics(s.stage, trainer, result, eval_metrics, lengths={"train": plan.train.report,
+                                    "eval": plan.eval.report if plan.eval else None})
     outputs.write_json(out / "metrics.json", metrics)
     outputs.write_json(out / "run.json", {
         "run_id": run_id,
@@ -173,26 +87,106 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
         "finished_at": datetime.now(timezone.utc).isoformat(),
         "wall_time_s": round(time.monotonic() - t0, 3),
         "resumed_from": resume_from.name if resume_from else None,
-        "prompt_format": prompt_format,
+        "prompt_format": plan.prompt_format,
+        "identity_sha256": plan.identity["sha256"],
         "config": s.masked(),
-        "inputs": {**inputs.identity, **model_identity},
+        "inputs": {**plan.inputs.identity, **plan.model_identity},
+        "data_files": plan.inputs.files,
         "versions": outputs.versions(),
-        "device": str(next(model.parameters()).device),
+        "device": str(next(trainer.model.parameters()).device),
         "world_size": trainer.args.world_size,
     })
-    outputs.publish(out, remote, token)
-    storage.delete(checkpoints, token)  # the run is complete; its checkpoints are no longer needed
+    outputs.publish(out, remote, tok)
+    storage.delete(remote.join("checkpoints"), tok)  # the run is complete; its checkpoints are no longer needed
     log.info("done: %s", remote, extra={"fields": {"event": "done", "output": str(remote), "metrics": metrics}})
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return str(remote)
 
 
+def _pull_weights(s: JobSettings, plan: preflight.Plan) -> Path:
+    from job.model import MODEL_FILES
+
+    try:
+        base_dir, _ = storage.pull(plan.base_uri, plan.workdir / "model", include=MODEL_FILES, token=preflight.token(s))
+    except Exception as exc:
+        from job.errors import DataError
+
+        if isinstance(exc, DataError):  # gone since preflight identified it
+            raise ModelError(f"JOB_BASE_MODEL: {exc}") from None
+        raise
+    return base_dir
+
+
+def _train(s: JobSettings, plan: preflight.Plan, base_dir: Path, stop: StopSignal, progress_bar: bool):
+    """Load the model, build the stage's trainer and train. Under JOB_TRAIN__GRADIENT_CHECKPOINTING=auto, a run that
+    runs out of GPU memory with checkpointing off starts again with it on, from its last checkpoint (the estimate
+    behind `auto` can be wrong: allocator fragmentation, another process on the GPU)."""
+    import torch
+
+    attempts = [None, True] if s.train.gradient_checkpointing == "auto" else [None]
+    for forced in attempts:
+        used: dict = {}
+        try:
+            return _train_once(s, plan, base_dir, stop, progress_bar, checkpointing=forced, used=used)
+        except torch.OutOfMemoryError:
+            if used.get("checkpointing", True) or forced:
+                raise OutOfMemory(_oom_message(s, used)) from None
+            log.warning("out of GPU memory with gradient checkpointing off (JOB_TRAIN__GRADIENT_CHECKPOINTING=auto "
+                        "guessed it would fit): starting again with it on", extra={"fields": {"event": "oom_retry"}})
+        # Outside the except block, so that the failed attempt's frames (and its model) can be freed.
+        used.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    raise AssertionError("unreachable")
+
+
+def _oom_message(s: JobSettings, used: dict) -> str:
+    t = s.train
+    return (f"out of GPU memory with gradient checkpointing {'on' if used.get('checkpointing') else 'off'}: lower "
+            f"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE (now {t.per_device_train_batch_size}; raise "
+            f"JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS to keep the step size) or JOB_TRAIN__MAX_LENGTH (now {t.max_length})"
+            + ("" if used.get("checkpointing") else ", or set JOB_TRAIN__GRADIENT_CHECKPOINTING=true"))
+
+
+def _train_once(s, plan, base_dir, stop, progress_bar, *, checkpointing, used):
+    from job import outputs
+    from job.model import load_adapter, load_base_model
+    from job.stages import dpo, sft
+
+    tok = preflight.token(s)
+    checkpoints = plan.remote.join("checkpoints")
+    with _first_process_per_node():
+        resume_from = pull_latest(checkpoints, plan.workdir / "resume", tok, identity=plan.identity["sha256"])
+    model = load_base_model(base_dir, s)  # 4-bit NF4 by default, on this process's GPU
+    if plan.adapter_dir:
+        model = load_adapter(model, plan.adapter_dir)
+    stage = sft if s.stage == "sft" else dpo
+    metrics_cb = outputs.MetricsCallback(emit=not progress_bar)
+    # The checkpoint callback first: the metrics callback then sees its save decisions (a log row at every save).
+    callbacks = [CheckpointCallback(checkpoints, stop, tok), metrics_cb]
+    trainer = stage.build_trainer(s, model, plan.tokenizer, plan.train.rows, plan.eval.rows if plan.eval else None,
+                                  plan.workdir / "checkpoints", callbacks, progress_bar=progress_bar,
+                                  checkpointing=checkpointing, identity=plan.identity["sha256"])
+    used["checkpointing"] = trainer.args.activation_checkpointing
+    if not progress_bar:
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # our MetricsCallback prints the same as one JSON line
+    stop.training = True
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        stop.training = False
+    if stop.received:
+        raise Preempted(f"{stop.received} received: checkpoint at step {trainer.state.global_step} uploaded to {checkpoints}",
+                        signal_name=stop.received)
+    return trainer, result, resume_from
+
 
 def _first_process_per_node():
     """With several processes (torchrun), let the node's first one download while the others wait."""
-    import contextlib
-
     state = _distributed_state()
     return state.local_main_process_first() if state.num_processes > 1 else contextlib.nullcontext()
 

@@ -30,6 +30,9 @@ from job.errors import ConfigError
 PREFIX = "JOB_"
 DELIM = "__"
 
+#: Groups whose variables may name any field of TRL's SFTConfig/DPOConfig (checked by job/trainargs.py).
+OPEN_GROUPS = ("train", "dpo")
+
 #: JOB_ variables that others set in our environment: Kubernetes sets JOB_COMPLETION_INDEX in Indexed Jobs.
 FOREIGN_VARS = frozenset({"JOB_COMPLETION_INDEX"})
 
@@ -74,7 +77,10 @@ class QuantSettings(_Group):
 
 
 class TrainSettings(_Group):
-    """`JOB_TRAIN__*`: passed to TRL's SFTConfig/DPOConfig under the same (transformers/TRL) names."""
+    """`JOB_TRAIN__*`: passed to TRL's SFTConfig/DPOConfig under the same (transformers/TRL) names. The fields below
+    have the job's defaults; any other field of the stage's TRL config can be set by its name (job/trainargs.py)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     learning_rate: float = Field(2e-4, gt=0)
     num_train_epochs: float = Field(1.0, gt=0)
@@ -83,8 +89,16 @@ class TrainSettings(_Group):
     per_device_train_batch_size: int = Field(4, gt=0)
     per_device_eval_batch_size: int = Field(4, gt=0)
     gradient_accumulation_steps: int = Field(4, gt=0)
-    #: Longest training sequence in tokens (SFT: prompt + answer; DPO: prompt + the longer answer).
+    #: Longest training sequence in tokens (SFT: prompt + answer + EOS; DPO: prompt + the longer answer + EOS).
     max_length: int = Field(1024, gt=0)
+    #: What happens to an example longer than MAX_LENGTH. `cut_prompt`: keep the whole answer and its EOS, cut the
+    #: prompt from its start (after BOS); drop the example only when the answer alone doesn't fit. `drop`: drop it.
+    #: Either way the run reports how many were cut or dropped, and which rows first (log, metrics.json, --check).
+    over_length: Literal["cut_prompt", "drop"] = "cut_prompt"
+    #: The token that ends each answer, when it is not the tokenizer's EOS (e.g. `<|im_end|>` for a ChatML template on
+    #: a base model's tokenizer): it becomes the tokenizer's EOS, is trained at the end of every answer, and is what
+    #: generation must stop on. TRL's `eos_token`.
+    eos_token: str | None = None
     warmup_ratio: float = Field(0.03, ge=0, le=1)
     lr_scheduler_type: str = "cosine"
     weight_decay: float = Field(0.0, ge=0)
@@ -127,7 +141,9 @@ class TrainSettings(_Group):
 
 
 class DpoSettings(_Group):
-    """`JOB_DPO__*`: DPO-only settings (TRL names)."""
+    """`JOB_DPO__*`: DPO-only settings (TRL names); any other field of TRL's DPOConfig can be set by its name."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     beta: float = Field(0.1, gt=0)
     loss_type: str = "sigmoid"
@@ -169,6 +185,9 @@ class JobSettings(BaseSettings):
     #: Start from this existing adapter (for DPO after SFT it is also the frozen reference).
     adapter: str | None = None
     run_id: str | None = None
+    #: Discard what an earlier run with this JOB_RUN_ID left (checkpoints, outputs, its recorded identity) and start over.
+    #: Without it, a run id already used for another stage, config or data is refused (exit 2).
+    restart: bool = False
     #: `auto`: the model's chat template if it has one, else the `instruction` format
     #: (`### 指示\n{prompt}\n### 回答\n{answer}<eos>`). `chat_template` requires the model's template.
     prompt_format: Literal["auto", "chat_template", "instruction"] = "auto"
@@ -277,7 +296,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> JobSettings:
     env = dict(os.environ if environ is None else environ)
     known = _known_env_names()
     problems: list[str] = []
+    trl_names: list[tuple[str, str, str]] = []  # (variable, group, field) in JOB_TRAIN__/JOB_DPO__ beyond our fields
     for name in sorted(k for k in env if k.upper().startswith(PREFIX)):
+        group = next((g for g in OPEN_GROUPS if name.upper().startswith(f"{PREFIX}{g}{DELIM}".upper())), None)
+        if group:
+            if name.upper() not in known:  # maybe a field of TRL's config: checked against it below
+                trl_names.append((name, group, name[len(PREFIX) + len(group) + len(DELIM):].lower()))
+            continue
         if name.upper() not in known and name.upper() not in FOREIGN_VARS:
             problems.append(f"{name}: unknown variable{_suggest(name.upper(), known)}")
     token = _environ.set(env)
@@ -298,9 +323,19 @@ def load_settings(environ: Mapping[str, str] | None = None) -> JobSettings:
         settings = None
     finally:
         _environ.reset(token)
+    # Every JOB_TRAIN__*/JOB_DPO__* value through TRL's own config classes, now, not after the downloads: the names
+    # at once with the problems above (importing TRL costs seconds: only when there are such names), then the values.
+    from job import trainargs
+
+    if trl_names:
+        stage = str(env.get(f"{PREFIX}STAGE", "")).strip().lower()
+        problems += trainargs.name_problems(trl_names, stage if stage in ("sft", "dpo") else None)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     assert settings is not None
+    problems = trainargs.problems(settings)
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     return settings
 
 

@@ -380,3 +380,85 @@ def sha256(path: Path) -> str:
 def local_files(path: Path) -> list[Path]:
     return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
 
+
+
+# --------------------------------------------------------------------------------------- before any download
+
+
+def identify(uri: Uri, include: list[str] | None = None, token: str | None = None) -> dict:
+    """What `pull` would fetch, without fetching it: the run identity of a model or adapter (Hub commit, S3 ETags,
+    local sizes and times) and the names of its files. An hf:// URI comes back pinned to the resolved commit
+    (`identity["pinned"]`), so that the later download gets exactly what was identified."""
+    if isinstance(uri, LocalUri):
+        if not uri.path.exists():
+            raise DataError(f"{uri}: no such file or directory")
+        paths = [uri.path] if uri.path.is_file() else sorted(p for p in uri.path.rglob("*") if p.is_file())
+        root = uri.path.parent if uri.path.is_file() else uri.path
+        files = {p.relative_to(root).as_posix(): {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
+                 for p in paths if _included(p.relative_to(root).as_posix(), include)}
+        return {"uri": str(uri.path.resolve()), "files": files}
+    if isinstance(uri, S3Uri):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        client = _s3()
+        try:
+            if uri.key and not uri.key.endswith("/"):
+                try:
+                    head = client.head_object(Bucket=uri.bucket, Key=uri.key)
+                    name = PurePosixPath(uri.key).name
+                    return {"uri": str(uri), "files": {name: {"etag": head["ETag"].strip('"'), "size": head["ContentLength"]}}}
+                except ClientError as exc:
+                    if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404:
+                        raise
+            objects = [o for o in _s3_list(client, uri) if _included(o["rel"], include)]
+        except (BotoCoreError, ClientError) as exc:
+            raise _s3_error(exc, uri) from None
+        if not objects:
+            raise DataError(f"{uri}: no such object or prefix (or nothing under it)")
+        return {"uri": str(uri), "files": {o["rel"]: {"etag": o["ETag"].strip('"'), "size": o["Size"]} for o in objects}}
+    from huggingface_hub import HfApi
+
+    try:
+        info = HfApi(token=token).repo_info(uri.repo_id, repo_type=uri.repo_type, revision=uri.revision, files_metadata=False)
+    except Exception as exc:
+        raise _hf_error(exc, uri) from None
+    prefix = uri.path.rstrip("/") + "/" if uri.path else ""
+    names = [s.rfilename[len(prefix):] for s in (info.siblings or []) if s.rfilename.startswith(prefix)]
+    return {"uri": str(uri), "revision": info.sha, "files": {n: {} for n in names if _included(n, include)},
+            "pinned": str(HfUri(uri.repo_id, uri.repo_type, info.sha, uri.path))}
+
+
+def probe_write(uri: Uri, token: str | None = None) -> None:
+    """Write and delete a small object under `uri`, so that an output that can't be written fails before training.
+    Raises the storage error (ConfigError for access denied, TransientError, ...) or OSError for local paths."""
+    import secrets as _secrets
+
+    name = f".qlora-job-write-probe-{_secrets.token_hex(4)}"
+    if isinstance(uri, LocalUri):
+        created = [p for p in [uri.path, *uri.path.parents] if not p.exists()]
+        uri.path.mkdir(parents=True, exist_ok=True)
+        probe = uri.path / name
+        probe.write_bytes(b"probe\n")
+        probe.unlink()
+        for p in created:  # leave nothing behind: a failed run must not look like it published something
+            p.rmdir()
+        return
+    if isinstance(uri, S3Uri):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        key = uri.join(name).key
+        try:
+            client = _s3()
+            client.put_object(Bucket=uri.bucket, Key=key, Body=b"probe\n")
+            client.delete_object(Bucket=uri.bucket, Key=key)
+        except (BotoCoreError, ClientError) as exc:
+            raise _s3_error(exc, uri) from None
+        return
+    from huggingface_hub import HfApi
+
+    if not token:
+        raise ConfigError(f"{uri}: writing to the Hugging Face Hub needs HF_TOKEN (a token with write access)")
+    try:
+        HfApi(token=token).whoami()  # a commit would be the only true probe; a valid token is what can be checked cheaply
+    except Exception as exc:
+        raise _hf_error(exc, uri) from None

@@ -25,9 +25,12 @@ def test_check_reports_stats_without_loading_the_model(tiny_model, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(r.stdout)
     assert report["train"]["records"] == 24 and report["prompt_format"] == "instruction"
-    assert 0 < report["train"]["tokens_p50"] <= report["train"]["tokens_max"]
-    assert report["train"]["over_max_length"] > 0 and "longer than JOB_TRAIN__MAX_LENGTH=40" in r.stderr
-    assert not (tmp_path / "out").exists()
+    assert 0 < report["train"]["tokens_p50"] <= report["train"]["tokens_max"] <= 40
+    assert report["train"]["prompt_cut"] > 0 and "longer than JOB_TRAIN__MAX_LENGTH=40" in r.stderr
+    assert report["files"] == [{"role": "train", "file": str(DEMO_DATA / "sft.jsonl"), "format": "text_output", "records": 24}]
+    assert report["example"]["prompt"].startswith("<s>### 指示\n") and report["example"]["trained"].endswith("</s>")
+    assert report["plan"]["steps"] > 0 and report["run"] == "a new run"
+    assert not (tmp_path / "out").exists()  # the write probe leaves nothing behind
 
 
 def test_check_fails_on_bad_data_with_exit_3(tmp_path):

@@ -24,19 +24,19 @@ def bucket(s3, tiny_model):
 
 
 def env_for(s3, tmp_path, **extra):
-    return job_env(
+    return job_env(**{
         **s3.env,
-        HF_TOKEN=FAKE_SECRET,
-        JOB_BASE_MODEL=f"s3://{s3.bucket}/models/tiny/",
-        JOB_OUTPUT=f"s3://{s3.bucket}/runs",
-        JOB_WORKDIR=str(tmp_path / "work"),
-        JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE="2",
-        JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS="1",
-        JOB_TRAIN__LOGGING_STEPS="1",
-        JOB_TRAIN__LEARNING_RATE="5e-3",
-        JOB_TRAIN__MAX_LENGTH="128",
+        "HF_TOKEN": FAKE_SECRET,
+        "JOB_BASE_MODEL": f"s3://{s3.bucket}/models/tiny/",
+        "JOB_OUTPUT": f"s3://{s3.bucket}/runs",
+        "JOB_WORKDIR": str(tmp_path / "work"),
+        "JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "2",
+        "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": "1",
+        "JOB_TRAIN__LOGGING_STEPS": "1",
+        "JOB_TRAIN__LEARNING_RATE": "5e-3",
+        "JOB_TRAIN__MAX_LENGTH": "128",
         **extra,
-    )
+    })
 
 
 def download(s3, prefix, dest):
@@ -133,16 +133,35 @@ def test_missing_input_and_bad_credentials_are_classified(bucket, tmp_path):
     assert r.returncode == ExitCode.TRANSIENT, r.stderr[-2000:]
 
 
-def test_sigterm_uploads_a_checkpoint_and_a_retry_resumes(bucket, tmp_path):
+def _adapter_on_s3(s3, tiny_model, tmp_path, prefix):
+    """A LoRA adapter with non-zero weights (what an SFT run leaves), uploaded as JOB_ADAPTER."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "adapter")
+    upload_dir(s3, s3.bucket, tmp_path / "adapter", prefix)
+    return f"s3://{s3.bucket}/{prefix}/"
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_sigterm_checkpoints_and_the_resumed_run_equals_the_uninterrupted_one(bucket, tiny_model, tmp_path, stage):
     s3 = bucket
-    env = env_for(s3, tmp_path, JOB_STAGE="sft", JOB_DATA=f"s3://{s3.bucket}/data/sft/", JOB_RUN_ID="spot",
-                  JOB_TRAIN__MAX_STEPS="400", JOB_TRAIN__SAVE_STEPS="0", JOB_LOG_FORMAT="json")
+    extra = {"JOB_DATA": f"s3://{s3.bucket}/data/sft/"} if stage == "sft" else {
+        "JOB_DATA": f"s3://{s3.bucket}/data/preferences.csv", "JOB_ADAPTER": _adapter_on_s3(s3, tiny_model, tmp_path, "adapters/a")}
+    env = env_for(s3, tmp_path, JOB_STAGE=stage, JOB_TRAIN__MAX_STEPS="12", JOB_TRAIN__SAVE_STEPS="0",
+                  JOB_TRAIN__LOGGING_STEPS="5", JOB_LOG_FORMAT="json", **extra)
+    r = run_job({**env, "JOB_RUN_ID": "whole", "JOB_WORKDIR": str(tmp_path / "w0")})
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    env = {**env, "JOB_RUN_ID": "spot"}
     proc = subprocess.Popen([sys.executable, "-m", "job"], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    lines = []
     deadline = time.time() + 300
     for line in proc.stderr:  # wait until training is under way, then reclaim the "spot node"
-        lines.append(line)
-        if '"event": "metrics"' in line and '"step": 3,' in line:
+        if '"event": "metrics"' in line and '"step": 1,' in line:
             proc.send_signal(signal.SIGTERM)
             break
         assert time.time() < deadline
@@ -151,17 +170,32 @@ def test_sigterm_uploads_a_checkpoint_and_a_retry_resumes(bucket, tmp_path):
     done = [k for k in keys(s3, s3.bucket, "runs/spot/") if k.endswith("/_COMPLETE")]
     assert len(done) == 1 and "_SUCCESS" not in str(keys(s3, s3.bucket, "runs/spot/"))
     step = int(done[0].split("checkpoint-")[1].split("/")[0])
-    assert 3 <= step < 400
+    assert 1 <= step < 12
 
-    # The Job's next pod: same run id, fresh disk. It continues from the checkpoint and finishes.
-    env["JOB_WORKDIR"] = str(tmp_path / "work2")
-    env["JOB_TRAIN__MAX_STEPS"] = str(step + 2)
-    r = run_job(env)
+    # The Job's next pod: same run id, same config, fresh disk. It continues from the checkpoint and finishes.
+    r = run_job({**env, "JOB_WORKDIR": str(tmp_path / "w2")})
     assert r.returncode == 0, r.stderr[-3000:]
-    run = json.loads(s3.get_object(Bucket=s3.bucket, Key="runs/spot/run.json")["Body"].read())
-    metrics = json.loads(s3.get_object(Bucket=s3.bucket, Key="runs/spot/metrics.json")["Body"].read())
-    assert run["resumed_from"] == f"checkpoint-{step}" and metrics["steps"] == step + 2
+    whole, spot = download(s3, "runs/whole/", tmp_path / "whole"), download(s3, "runs/spot/", tmp_path / "spot")
+    assert json.loads((spot / "run.json").read_text())["resumed_from"] == f"checkpoint-{step}"
+
+    from safetensors.torch import load_file
+
+    a, b = load_file(whole / "adapter" / "adapter_model.safetensors"), load_file(spot / "adapter" / "adapter_model.safetensors")
+    assert set(a) == set(b) and {v.dtype for v in a.values()} == {v.dtype for v in b.values()} == {torch.float32}
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert any((a[k] - load_file(tmp_path / "adapter" / "adapter_model.safetensors")[k]).abs().max() > 0 for k in a) \
+        if stage == "dpo" else True  # and the DPO run did train the continued adapter
+
+    ma, mb = json.loads((whole / "metrics.json").read_text()), json.loads((spot / "metrics.json").read_text())
+    for key in ("steps", "tokens", "train_loss", "train_loss_last") + (("reward_accuracy", "reward_margin") if stage == "dpo" else ()):
+        assert mb[key] == pytest.approx(ma[key], rel=1e-6, abs=1e-9), key
+    assert mb["session"]["resumed_from_step"] == step and mb["session"]["steps"] == 12 - step
+    assert ma["session"]["tokens"] == ma["tokens"] and 0 < mb["session"]["tokens"] < mb["tokens"]
+    rows = [json.loads(line) for line in (spot / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    # Every step is in exactly one logged window, across both sessions: 1, the checkpoint, every 5th, the last.
+    assert steps == sorted(set(steps)) and steps[0] == 1 and steps[-1] == 12 and step in steps
 
     # A third start of the same run id (a late retry, a CI re-run) does nothing and succeeds.
-    r = run_job(env)
+    r = run_job({**env, "JOB_WORKDIR": str(tmp_path / "w3")})
     assert r.returncode == 0 and "already succeeded" in r.stderr

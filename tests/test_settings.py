@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -36,7 +37,7 @@ def test_unknown_and_invalid_variables_are_named_together():
     with pytest.raises(ConfigError) as e:
         load_settings({**BASE, "JOB_TRAIN__LEARNIG_RATE": "1e-4", "JOB_LORA__R": "sixteen", "JOB_STAGE": "ppo", "JOB_FOO": "1"})
     msg = str(e.value)
-    assert "JOB_TRAIN__LEARNIG_RATE: unknown variable (did you mean JOB_TRAIN__LEARNING_RATE?)" in msg
+    assert re.search(r"JOB_TRAIN__LEARNIG_RATE: unknown variable: .*\(did you mean JOB_TRAIN__LEARNING_RATE\?\)", msg)
     assert "JOB_FOO: unknown variable" in msg
     assert "JOB_LORA__R:" in msg and "'sixteen'" in msg
     assert "JOB_STAGE:" in msg and "'ppo'" in msg
@@ -81,7 +82,7 @@ def test_cli_print_config_masks_and_invalid_config_exits_2():
 
     r = run_job(job_env(HF_TOKEN=FAKE_SECRET, JOB_STAGE="sft", JOB_TRAIN__MAX_STEP="5"))
     assert r.returncode == ExitCode.CONFIG
-    for name in ("JOB_TRAIN__MAX_STEP: unknown variable (did you mean JOB_TRAIN__MAX_STEPS?)", "JOB_DATA: required", "JOB_OUTPUT: required"):
+    for name in ("JOB_TRAIN__MAX_STEP: unknown variable: not a field of TRL's SFTConfig (did you mean JOB_TRAIN__MAX_STEPS?)", "JOB_DATA: required", "JOB_OUTPUT: required"):
         assert name in r.stderr
     assert "Traceback" not in r.stderr and FAKE_SECRET not in r.stderr
 
@@ -90,3 +91,32 @@ def test_cli_help_lists_exit_codes():
     r = run_job(job_env(), "--help")
     assert r.returncode == 0
     assert "--check" in r.stdout and "--print-config" in r.stdout and "75 transient" in r.stdout
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"JOB_TRAIN__OPTIM": "adamw_foo"}, "JOB_TRAIN__OPTIM: adamw_foo is not a valid OptimizerNames"),
+    ({"JOB_TRAIN__LR_SCHEDULER_TYPE": "cosin"}, "JOB_TRAIN__LR_SCHEDULER_TYPE: cosin is not a valid SchedulerType"),
+    ({"JOB_STAGE": "dpo", "JOB_DPO__LOSS_TYPE": "sigmod"}, "JOB_DPO__LOSS_TYPE: unknown loss type 'sigmod'"),
+    ({"JOB_TRAIN__REPORT_TO": "tensorbord"}, "JOB_TRAIN__REPORT_TO: unknown integration 'tensorbord'"),
+    ({"JOB_TRAIN__REPORT_TO": "wandb"}, "JOB_TRAIN__REPORT_TO: 'wandb' is not installed"),
+    ({"JOB_TRAIN__NEFTUNE_NOISE_ALPHA": "five"}, "JOB_TRAIN__NEFTUNE_NOISE_ALPHA: invalid value 'five'"),
+    ({"JOB_TRAIN__OUTPUT_DIR": "/x"}, "JOB_TRAIN__OUTPUT_DIR: set by the job; use JOB_OUTPUT"),
+    ({"JOB_TRAIN__TRUNCATION_MODE": "keep_end"}, "JOB_TRAIN__TRUNCATION_MODE: set by the job; use JOB_TRAIN__OVER_LENGTH"),
+    ({"JOB_STAGE": "dpo", "JOB_DPO__BETTA": "0.2"}, "JOB_DPO__BETTA: unknown variable: not a field of TRL's DPOConfig (did you mean JOB_DPO__BETA?)"),
+])
+def test_training_values_go_through_trls_own_configs(extra, message):
+    with pytest.raises(ConfigError) as e:
+        load_settings({**BASE, **extra})
+    assert message in str(e.value)
+
+
+def test_any_field_of_the_stages_trl_config_can_be_set_by_name():
+    from job import trainargs
+
+    s = load_settings({**BASE, "JOB_TRAIN__NEFTUNE_NOISE_ALPHA": "5", "JOB_TRAIN__LOGGING_NAN_INF_FILTER": "false"})
+    args = trainargs.build(s, trainargs.Runtime())
+    assert args.neftune_noise_alpha == 5.0 and args.logging_nan_inf_filter is False
+    assert args.learning_rate == 2e-4 and args.optim == "adamw_torch"  # the job's typed defaults stay
+    s = load_settings({**BASE, "JOB_STAGE": "dpo", "JOB_DPO__PRECOMPUTE_REF_LOG_PROBS": "true", "JOB_DPO__BETA": "0.3"})
+    args = trainargs.build(s, trainargs.Runtime())
+    assert args.precompute_ref_log_probs is True and args.beta == 0.3 and args.loss_type == ["sigmoid"]

@@ -45,22 +45,76 @@ def step_sorted_sampler(args, lengths: list[int]) -> StepSortedSampler:
     return StepSortedSampler(lengths, step, args.data_seed if args.data_seed is not None else args.seed)
 
 
-def make_trainer(trainer_cls, s: JobSettings, model, args, tokenizer, train_ds, eval_ds, callbacks, padded_lengths):
-    """TRL's trainer for a stage, with a new LoRA adapter (or the PeftModel's own, from JOB_ADAPTER) and length-sorted
-    micro-batches. `padded_lengths(args, dataset)` is each example's padded length, or None where nothing is padded
-    (packed SFT): then the trainer's own sampler."""
+#: Written into every checkpoint beside the trainer's own state: what transformers does not restore on resume.
+JOB_STATE = "job_state.json"
+
+
+def make_trainer(trainer_cls, s: JobSettings, model, args, tokenizer, train_rows, eval_rows, callbacks, padded_lengths, *,
+                 identity: str | None = None):
+    """TRL's trainer for a stage, on the job's tokenized rows (job/sequences.py), with a new LoRA adapter (or the
+    PeftModel's own, from JOB_ADAPTER), fp32 trainable weights and length-sorted micro-batches.
+
+    `padded_lengths(args, dataset)` is each example's padded length, or None where nothing is padded (packed SFT): then
+    the trainer's own sampler."""
+    import json
+
+    from datasets import Dataset
+
     from job.model import lora_config
 
     class Trainer(trainer_cls):
+        def __init__(self, *a, **kw):
+            # TRL casts QLoRA's trainable weights to bf16 (QLoRA paper, section 3), with no fp32 master copy: at DPO's
+            # learning rates most AdamW updates then round away. The job keeps them in fp32 (compute stays bf16 under
+            # autocast): a continued adapter keeps its exact saved values, a new one is upcast after TRL creates it.
+            given = kw["model"]
+            exact = {n: p.detach().to(torch.float32, copy=True) for n, p in given.named_parameters()
+                     if p.requires_grad} if hasattr(given, "peft_config") else {}
+            super().__init__(*a, **kw)
+            for name, p in self.model.named_parameters():
+                if p.requires_grad:
+                    p.data = exact[name].to(p.device) if name in exact else p.data.to(torch.float32)
+            self.job_resumed = {"step": 0, "tokens": 0}
+            self.job_rows_seen = 0  # training rows this session (DPO: a chosen and a rejected row per pair)
+
+        def training_step(self, model, inputs, *a, **kw):
+            self.job_rows_seen += len(inputs["input_ids"])
+            return super().training_step(model, inputs, *a, **kw)
+
+        def _prepare_dataset(self, dataset, *a, **kw):
+            if "prompt_ids" in dataset.column_names:  # DPO rows the job tokenized and fitted itself
+                return dataset
+            return super()._prepare_dataset(dataset, *a, **kw)
+
         def _get_train_sampler(self, train_dataset=None):
             lengths = padded_lengths(self.args, self.train_dataset if train_dataset is None else train_dataset)
             if lengths is None:
                 return super()._get_train_sampler(train_dataset)
             return step_sorted_sampler(self.args, lengths)
 
+        def _save_checkpoint(self, model, trial):
+            super()._save_checkpoint(model, trial)
+            # TRL's token counter restarts at 0 in a new process; the checkpoint carries it (and which run it belongs to).
+            folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+            (folder / JOB_STATE).write_text(json.dumps({"step": self.state.global_step, "identity": identity,
+                                                        "total_train_tokens": int(self._total_train_tokens)}) + "\n")
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            saved = Path(resume_from_checkpoint) / JOB_STATE
+            if saved.exists():
+                job_state = json.loads(saved.read_text())
+                self._total_train_tokens = job_state["total_train_tokens"]
+                self.job_resumed = {"step": job_state["step"], "tokens": job_state["total_train_tokens"]}
+            # PEFT reloads the adapter in its own dtype choice: keep the trainable weights fp32 (exact resume).
+            for p in (model or self.model).parameters():
+                if p.requires_grad and p.dtype != torch.float32:
+                    p.data = p.data.to(torch.float32)
+
     # A PeftModel (JOB_ADAPTER) keeps training its adapter (DPO: TRL copies it into a frozen "ref" adapter).
     peft_config = None if hasattr(model, "peft_config") else lora_config(s.lora)
-    return Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+    return Trainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
+                   eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None, processing_class=tokenizer,
                    peft_config=peft_config, callbacks=callbacks)
 
 
@@ -98,44 +152,14 @@ def use_checkpointing(s: JobSettings, model, sequences_per_example: int, liger: 
 
 
 def training_args(s: JobSettings, checkpoint_dir: Path, *, has_eval: bool, progress_bar: bool, model=None,
-                  sequences_per_example: int = 1) -> dict:
-    t = s.train
+                  sequences_per_example: int = 1, checkpointing: bool | None = None):
+    """The stage's TRL config for this machine (job/trainargs.py maps the settings)."""
+    from job import trainargs
+
     cuda = torch.cuda.is_available()
-    bf16 = {"true": True, "false": False}.get(t.bf16, cuda and torch.cuda.is_bf16_supported())
-    optim = t.optim if t.optim != "auto" else ("adamw_torch_fused" if cuda else "adamw_torch")
-    liger = t.use_liger_kernel and cuda and importlib.util.find_spec("liger_kernel") is not None
-    return dict(
-        output_dir=str(checkpoint_dir),
-        learning_rate=t.learning_rate,
-        num_train_epochs=t.num_train_epochs,
-        max_steps=t.max_steps,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        max_length=t.max_length,
-        warmup_steps=t.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the total steps
-        lr_scheduler_type=t.lr_scheduler_type,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=optim,
-        seed=t.seed,
-        data_seed=t.seed,
-        bf16=bf16,
-        logging_steps=t.logging_steps,
-        logging_first_step=True,
-        report_to=[] if t.report_to == "none" else t.report_to.split(","),
-        save_strategy="steps" if t.save_steps else "no",
-        save_steps=t.save_steps or 500,
-        save_only_model=False,  # optimizer and RNG state are what make a resumed run continue exactly
-        eval_strategy=("steps" if t.eval_steps else "no") if has_eval else "no",
-        eval_steps=t.eval_steps or None,
-        activation_checkpointing=use_checkpointing(s, model, sequences_per_example, liger),
-        # Non-reentrant checkpointing works with frozen 4-bit inputs and is what PyTorch recommends.
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        use_liger_kernel=liger,
-        use_cpu=not cuda,
-        disable_tqdm=not progress_bar,
-        dataloader_pin_memory=cuda,
-        ddp_find_unused_parameters=False,
-        remove_unused_columns=True,
-    )
+    liger = s.train.use_liger_kernel and cuda and importlib.util.find_spec("liger_kernel") is not None
+    if checkpointing is None:
+        checkpointing = use_checkpointing(s, model, sequences_per_example, liger)
+    rt = trainargs.Runtime(output_dir=str(checkpoint_dir), cuda=cuda, has_eval=has_eval, progress_bar=progress_bar,
+                           checkpointing=checkpointing, liger=liger, bf16=cuda and torch.cuda.is_bf16_supported())
+    return trainargs.build(s, rt)

@@ -17,18 +17,16 @@ from job.stages.common import make_trainer, training_args
 
 def pair_lengths(args, dataset) -> list[int]:
     """Padded length of each tokenized pair: chosen and rejected rows share a batch, each prompt + answer."""
-    return [min(args.max_length, len(p) + max(len(c), len(r)))
-            for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])]
+    return [len(p) + max(len(c), len(r)) for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])]
 
 
-def build_trainer(s: JobSettings, model, tokenizer, train_ds, eval_ds, checkpoint_dir: Path, callbacks, *, progress_bar: bool):
-    from trl import DPOConfig, DPOTrainer
+def build_trainer(s: JobSettings, model, tokenizer, train_rows, eval_rows, checkpoint_dir: Path, callbacks, *,
+                  progress_bar: bool, checkpointing: bool | None = None, identity: str | None = None):
+    """`train_rows`/`eval_rows`: job/sequences.py's fitted rows (prompt_ids, chosen_ids, rejected_ids), already within
+    JOB_TRAIN__MAX_LENGTH with both answers whole."""
+    from trl import DPOTrainer
 
-    args = DPOConfig(
-        **training_args(s, checkpoint_dir, has_eval=eval_ds is not None, progress_bar=progress_bar, model=model,
-                        sequences_per_example=2),  # chosen and rejected
-        beta=s.dpo.beta,
-        loss_type=[s.dpo.loss_type],
-        dataset_num_proc=1,
-    )
-    return make_trainer(DPOTrainer, s, model, args, tokenizer, train_ds, eval_ds, callbacks, pair_lengths)
+    args = training_args(s, checkpoint_dir, has_eval=bool(eval_rows), progress_bar=progress_bar, model=model,
+                         sequences_per_example=2, checkpointing=checkpointing)  # chosen and rejected
+    return make_trainer(DPOTrainer, s, model, args, tokenizer, train_rows, eval_rows, callbacks, pair_lengths,
+                        identity=identity)

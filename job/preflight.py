@@ -1,0 +1,381 @@
+"""Every check that can run before the weights are downloaded or a GPU warms up. `run` and `--check` call the same
+function, so `--check` (the Kubernetes init-container gate) fails on exactly what the run would fail on.
+
+In order, cheapest and most common mistakes first (the settings themselves, TRL's configs included, were checked
+when they were loaded):
+1. scratch and output are writable: a probe under JOB_WORKDIR and under the run's output prefix;
+2. the data is pulled, read and validated row by row (file and row in every error);
+3. the base model and adapter are identified without their weights (Hub commit, S3 ETags, local files), and their
+   small files fetched: tokenizer, config.json, generation_config.json, the adapter;
+4. the model's modules, built on the meta device from config.json: JOB_LORA__TARGET_MODULES must name some, and
+   JOB_ADAPTER must fit them (shapes from its safetensors header);
+5. run identity: a JOB_RUN_ID used before must be the same stage, config, data and model (else exit 2);
+6. sequences: prompt format, the EOS check and the length policy (job/sequences.py), and the planned steps.
+
+    >>> plan = prepare(settings, run_id="sft-v1")     # raises ConfigError / DataError / ModelError, naming the variable
+    >>> plan.state, plan.train.report["dropped"]
+    ('new', 0)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from job import data, sequences, storage
+from job.errors import ConfigError, DataError, JobError, ModelError
+from job.settings import JobSettings
+
+log = logging.getLogger("job")
+
+IDENTITY = "identity.json"
+
+#: Settings that don't change what is trained: a rerun may change them and still continue the same run.
+OPERATIONAL = {"workdir", "log_format", "run_id", "restart", "hf_token", "output"}
+OPERATIONAL_TRAIN = {"save_steps", "logging_steps", "report_to", "per_device_eval_batch_size", "eval_steps"}
+
+
+@dataclass
+class Inputs:
+    """What the run read, and how to recognise it again (run.json's `inputs`)."""
+
+    train: list[dict]
+    eval: list[dict]
+    identity: dict = field(default_factory=dict)
+    files: list[dict] = field(default_factory=list)  # each file read: name, format, records
+
+
+@dataclass
+class Plan:
+    run_id: str
+    remote: storage.Uri
+    workdir: Path
+    inputs: Inputs
+    base_uri: storage.Uri  # pinned to the identified revision
+    base_dir: Path  # holds the small files now; the weights join them later
+    adapter_dir: Path | None
+    model_identity: dict
+    tokenizer: object
+    prompt_format: str
+    stops: set[int]
+    train: sequences.Fitted
+    eval: sequences.Fitted | None
+    identity: dict
+    #: new: nothing recorded for this run id; resume: same identity, checkpoints may exist; succeeded: already done
+    state: str
+    report: dict
+
+
+def token(s: JobSettings) -> str | None:
+    return s.hf_token.get_secret_value() if s.hf_token else None
+
+
+# ------------------------------------------------------------------------------------------------- 1. writable
+
+
+def check_writable(s: JobSettings, remote: storage.Uri, workdir: Path) -> None:
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write-probe"
+        probe.write_bytes(b"probe\n")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"JOB_WORKDIR={s.workdir}: can't write scratch files there ({exc.strerror or exc}); "
+                          "set JOB_WORKDIR to a writable directory (a volume in a container)") from None
+    try:
+        storage.probe_write(remote, token(s))
+    except OSError as exc:
+        raise ConfigError(f"JOB_OUTPUT={s.output}: can't write {remote} ({exc.strerror or exc})") from None
+    except DataError as exc:  # e.g. the bucket does not exist
+        raise ConfigError(f"JOB_OUTPUT={s.output}: {exc}") from None
+    except JobError as exc:
+        exc.args = (f"JOB_OUTPUT={s.output}: {exc}",)
+        raise
+
+
+# ------------------------------------------------------------------------------------------------- 2. data
+
+
+def read_data(s: JobSettings, workdir: Path) -> Inputs:
+    """Pull and validate the training (and eval) data. Raises DataError naming file and row."""
+    identity, sets, files = {}, {}, []
+    for role, uri_text in (("train", s.data), ("eval", s.eval_data)):
+        if not uri_text:
+            continue
+        path, ident = storage.pull(storage.parse_uri(uri_text), workdir / "data" / role, token=token(s))
+        ident["sha256"] = {name: storage.sha256(p) for p, name in data.data_files(path, uri_text)}
+        identity[role] = ident
+        report: list = []
+        sets[role] = data.load_records(path, uri_text, s.stage, s.columns, report=report)
+        files += [{"role": role, **f} for f in report]
+    train, held_out = data.split_eval(sets["train"], s.eval_fraction, s.train.seed)
+    return Inputs(train=train, eval=sets.get("eval", held_out), identity=identity, files=files)
+
+
+# ------------------------------------------------------------------------------------------------- 3-4. model
+
+
+def _pull_small(variable: str, uri: storage.Uri, dest: Path, include: list[str], tok: str | None) -> Path:
+    try:
+        path, _ = storage.pull(uri, dest, include=include, token=tok)
+    except DataError as exc:  # storage can't tell a model from data: missing here is a model problem (exit 4)
+        raise ModelError(f"{variable}: {exc}") from None
+    return path
+
+
+def identify_models(s: JobSettings) -> tuple[storage.Uri, dict, storage.Uri | None, dict | None]:
+    from job.model import ADAPTER_FILES, MODEL_FILES
+
+    def ident(variable, text, include):
+        uri = storage.as_model_uri(text)
+        try:
+            found = storage.identify(uri, include, token(s))
+        except DataError as exc:
+            raise ModelError(f"{variable}: {exc}") from None
+        return storage.parse_uri(found.pop("pinned")) if "pinned" in found else uri, found
+
+    base_uri, base = ident("JOB_BASE_MODEL", s.base_model, MODEL_FILES)
+    names = base.pop("files") if "revision" in base else base["files"]  # a Hub commit pins every file already
+    if not any(n.endswith(".safetensors") for n in names):
+        raise ModelError(f"JOB_BASE_MODEL: {s.base_model} has no *.safetensors weights (pickled .bin/.pt weights are "
+                         "not loaded)" + ("" if names else ": no model files at all"))
+    if not s.adapter:
+        return base_uri, base, None, None
+    adapter_uri, adapter = ident("JOB_ADAPTER", s.adapter, ADAPTER_FILES)
+    names = set(adapter.pop("files") if "revision" in adapter else adapter["files"])
+    if "adapter_config.json" not in names:
+        raise ModelError(f"JOB_ADAPTER: {s.adapter} is not a PEFT adapter (no adapter_config.json in it)")
+    if "adapter_model.safetensors" not in names:
+        raise ModelError(f"JOB_ADAPTER: {s.adapter} has no adapter_model.safetensors (pickled adapter weights are not loaded)")
+    return base_uri, base, adapter_uri, adapter
+
+
+def meta_model(s: JobSettings, model_dir: Path):
+    """The base model's architecture on the meta device (no memory, no weights): its modules, from config.json."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=s.trust_remote_code)
+        with init_empty_weights():
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=s.trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelError(f"JOB_BASE_MODEL: {s.base_model} needs custom code; set JOB_TRUST_REMOTE_CODE=true if you trust it") from None
+        raise ModelError(f"JOB_BASE_MODEL: {s.base_model}: can't read its config.json: {exc}") from None
+    except OSError as exc:
+        raise ModelError(f"JOB_BASE_MODEL: {s.base_model}: can't read its config.json: {exc}") from None
+
+
+def _linear_names(model) -> dict[str, object]:
+    import torch
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def check_target_modules(s: JobSettings, model) -> None:
+    wanted = s.lora.modules()
+    if wanted == "all-linear" or s.adapter:  # a continued adapter brings its own modules
+        return
+    linear = _linear_names(model)
+    kinds = sorted({n.rsplit(".", 1)[-1] for n in linear})
+    every = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n}
+    missing = [m for m in wanted if m not in every and not any(n == m or n.endswith("." + m) for n in linear)]
+    if missing:
+        raise ConfigError(f"JOB_LORA__TARGET_MODULES: {', '.join(repr(m) for m in missing)} not found in "
+                          f"{type(model).__name__}; its linear layers are {', '.join(kinds)} (or use all-linear)")
+
+
+def check_adapter_fits(s: JobSettings, model, adapter_dir: Path) -> None:
+    """Every LoRA matrix of the adapter must sit on a linear layer of this base with matching in/out features."""
+    from safetensors import safe_open
+
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"JOB_ADAPTER: {s.adapter}: unreadable adapter_config.json ({exc})") from None
+    if config.get("peft_type") not in (None, "LORA"):
+        raise ModelError(f"JOB_ADAPTER: {s.adapter} is a {config.get('peft_type')} adapter; the job trains LoRA adapters")
+    modules = dict(model.named_modules())
+    try:
+        with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise ModelError(f"JOB_ADAPTER: {s.adapter}: adapter_model.safetensors is not readable ({type(exc).__name__})") from None
+    for key, shape in sorted(shapes.items()):
+        if ".lora_A." not in key and ".lora_B." not in key:
+            continue
+        path = key.split(".lora_")[0].removeprefix("base_model.model.")
+        module = modules.get(path)
+        if module is None or not hasattr(module, "in_features"):
+            raise ModelError(f"JOB_ADAPTER: {s.adapter} does not fit JOB_BASE_MODEL={s.base_model}: it adapts "
+                             f"{path!r}, which the base model does not have as a linear layer")
+        expected = module.in_features if ".lora_A." in key else module.out_features
+        got = shape[1] if ".lora_A." in key else shape[0]
+        if got != expected:
+            raise ModelError(f"JOB_ADAPTER: {s.adapter} does not fit JOB_BASE_MODEL={s.base_model}: {path} has "
+                             f"{'in' if '.lora_A.' in key else 'out'}_features {expected}, the adapter {got}")
+
+
+# ------------------------------------------------------------------------------------------------- 5. identity
+
+
+def identity(s: JobSettings, inputs: Inputs, model_identity: dict) -> dict:
+    config = {k: v for k, v in s.masked().items() if k not in OPERATIONAL}
+    config["train"] = {k: v for k, v in config["train"].items() if k not in OPERATIONAL_TRAIN}
+    if s.stage != "dpo":
+        config.pop("dpo")
+    ident = {
+        "stage": s.stage,
+        "config": config,
+        "data": {role: v["sha256"] for role, v in inputs.identity.items()},
+        "base_model": {k: v for k, v in model_identity["base_model"].items() if k != "uri"} | {"uri": s.base_model},
+        "adapter": None if not model_identity.get("adapter") else
+                   {k: v for k, v in model_identity["adapter"].items() if k != "uri"} | {"uri": s.adapter},
+    }
+    ident["sha256"] = fingerprint(ident)
+    return ident
+
+
+def fingerprint(ident: dict) -> str:
+    body = {k: v for k, v in ident.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}__"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """What makes two run identities differ, in the user's words (variables, files)."""
+    out = []
+    if old.get("stage") != new.get("stage"):
+        out.append(f"JOB_STAGE {old.get('stage')} -> {new.get('stage')}")
+    a, b = _flat(old.get("config", {})), _flat(new.get("config", {}))
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) != b.get(k):
+            out.append(f"JOB_{k.upper()} {a.get(k)!r} -> {b.get(k)!r}")
+    if old.get("data") != new.get("data"):
+        out.append("the data's content (sha256 of its files)")
+    for key, var in (("base_model", "JOB_BASE_MODEL"), ("adapter", "JOB_ADAPTER")):
+        if old.get(key) != new.get(key) and f"JOB_{key.upper()}" not in " ".join(out):
+            out.append(f"{var} (another model, revision or files)")
+    return out
+
+
+def _read_json(uri: storage.Uri, tok: str | None, dest: Path) -> dict | None:
+    if not storage.exists(uri, tok):
+        return None
+    path, _ = storage.pull(uri, dest, token=tok)
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def run_state(s: JobSettings, remote: storage.Uri, ident: dict, workdir: Path, *, dry: bool) -> str:
+    """new / resume / succeeded for this run id, or ConfigError when it was used for something else."""
+    tok = token(s)
+    if s.restart:
+        if not dry:
+            log.warning("JOB_RESTART=true: discarding everything stored for run %s under %s", s.run_id, remote)
+            storage.delete(remote, tok)
+        return "new"
+    old = _read_json(remote.join(IDENTITY), tok, workdir / "identity")
+    succeeded = storage.exists(remote.join("_SUCCESS"), tok)
+    if old is not None and old.get("sha256") != ident["sha256"]:
+        what = differences(old, ident) or ["the recorded identity"]
+        raise ConfigError(f"JOB_RUN_ID={s.run_id}: this run id was used for another run ({remote}): "
+                          + "; ".join(what) + ". Use a new JOB_RUN_ID, or set JOB_RESTART=true to discard that run "
+                          "and start over")
+    if succeeded:
+        return "succeeded"
+    return "resume" if old is not None else "new"
+
+
+# ------------------------------------------------------------------------------------------------- 6. plan
+
+
+def planned_steps(s: JobSettings, fitted: sequences.Fitted, world_size: int = 1) -> dict:
+    """Optimizer steps and tokens the trainer will run, computed the way transformers does (packing included)."""
+    rows = len(fitted.rows)
+    if s.stage == "sft" and s.train.packing:
+        from datasets import Dataset
+        from trl.data_utils import pack_dataset
+
+        ds = Dataset.from_dict({"input_ids": [r["input_ids"] for r in fitted.rows]})
+        rows = len(pack_dataset(ds, s.train.max_length, "bfd"))
+    batches = math.ceil(math.ceil(rows / world_size) / s.train.per_device_train_batch_size)
+    per_epoch = max(1, math.ceil(batches / s.train.gradient_accumulation_steps))
+    steps = s.train.max_steps if s.train.max_steps > 0 else math.ceil(s.train.num_train_epochs * per_epoch)
+    return {"rows_per_epoch": rows, "steps_per_epoch": per_epoch, "steps": steps,
+            "epochs": round(steps / per_epoch, 3), "tokens_per_epoch": fitted.report["tokens"],
+            "tokens": round(fitted.report["tokens"] * steps / per_epoch)}
+
+
+def prepare(s: JobSettings, run_id: str, *, dry: bool = False, world_size: int = 1) -> Plan:
+    """All checks, in order; `dry` (--check) reads but never writes or deletes anything but the probes."""
+    from job.model import ADAPTER_FILES, TOKENIZER_FILES, load_tokenizer
+
+    tok = token(s)
+    remote = storage.parse_uri(s.output).join(run_id)
+    workdir = Path(s.workdir) / run_id
+    check_writable(s, remote, workdir)
+    inputs = read_data(s, workdir)
+    log.info("data: %d training and %d eval records from %d files", len(inputs.train), len(inputs.eval), len(inputs.files))
+
+    base_uri, base_ident, adapter_uri, adapter_ident = identify_models(s)
+    base_dir = _pull_small("JOB_BASE_MODEL", base_uri, workdir / "model", TOKENIZER_FILES, tok)
+    adapter_dir = _pull_small("JOB_ADAPTER", adapter_uri, workdir / "adapter", ADAPTER_FILES, tok) if adapter_uri else None
+    meta = meta_model(s, base_dir)
+    check_target_modules(s, meta)
+    if adapter_dir:
+        check_adapter_fits(s, meta, adapter_dir)
+    del meta
+    model_identity = {"base_model": base_ident, "adapter": adapter_ident}
+
+    tokenizer, prompt_format = load_tokenizer(base_dir, adapter_dir, s.prompt_format, eos_token=s.train.eos_token)
+    stops = sequences.stop_ids(tokenizer, base_dir)
+    policy = dict(max_length=s.train.max_length, policy=s.train.over_length, stops=stops)
+    train = sequences.fit(inputs.train, s.stage, tokenizer, role="train", **policy)
+    evald = sequences.fit(inputs.eval, s.stage, tokenizer, role="eval", **policy) if inputs.eval else None
+
+    ident = identity(s, inputs, model_identity)
+    state = run_state(s, remote, ident, workdir, dry=dry)
+    plan_steps = planned_steps(s, train, world_size)
+    report = {
+        "run_id": run_id,
+        "output": str(remote),
+        "run": {"new": "a new run", "resume": "continues this run id (same stage, config, data and model)",
+                "succeeded": "already succeeded: a run would do nothing"}[state]
+               + (" (JOB_RESTART=true: what is stored for it would be discarded first)" if s.restart else ""),
+        "stage": s.stage,
+        "files": inputs.files,
+        "prompt_format": prompt_format,
+        "eos": sorted(tokenizer.convert_ids_to_tokens(sorted(stops))),
+        "example": sequences.rendered_example(tokenizer, train.rows[0], s.stage),
+        "train": train.report,
+        "eval": evald.report if evald else None,
+        "plan": plan_steps,
+        "inputs": {**inputs.identity, **model_identity},
+    }
+    log.info("plan: %d optimizer steps over %d %s (%s epochs), about %d tokens", plan_steps["steps"],
+             plan_steps["rows_per_epoch"], "packed rows" if s.stage == "sft" and s.train.packing else "examples",
+             plan_steps["epochs"], plan_steps["tokens"], extra={"fields": {"event": "plan", **plan_steps}})
+    return Plan(run_id=run_id, remote=remote, workdir=workdir, inputs=inputs, base_uri=base_uri, base_dir=base_dir,
+                adapter_dir=adapter_dir, model_identity=model_identity, tokenizer=tokenizer, prompt_format=prompt_format,
+                stops=stops, train=train, eval=evald, identity=ident, state=state, report=report)
+
+
+def record_identity(plan: Plan, tok: str | None) -> None:
+    """Store what this run is, before training starts (rank 0): a later start with this run id compares against it."""
+    path = plan.workdir / IDENTITY
+    path.write_text(json.dumps(plan.identity, ensure_ascii=False, indent=2, default=str) + "\n", encoding="utf-8")
+    storage.push(path, plan.remote.join(IDENTITY), tok)
