@@ -45,7 +45,7 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
     # 1. Everything that can fail before the weights: writability, data, model identity and modules, run identity,
     #    EOS and length policy. Data and small files come once per node (the node's first process fetches them).
     with _first_process_per_node():
-        plan = preflight.prepare(s, run_id, dry=not state.is_main_process, world_size=state.num_processes)
+        plan = preflight.prepare(s, run_id, main=state.is_main_process, world_size=state.num_processes)
     remote = plan.remote
     if plan.state == "succeeded":
         log.info("run %s already succeeded at %s; nothing to do", run_id, remote)

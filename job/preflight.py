@@ -77,7 +77,7 @@ def token(s: JobSettings) -> str | None:
 # ------------------------------------------------------------------------------------------------- 1. writable
 
 
-def check_writable(s: JobSettings, remote: storage.Uri, workdir: Path) -> None:
+def check_writable(s: JobSettings, remote: storage.Uri, workdir: Path, *, output: bool = True) -> None:
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         probe = workdir / ".write-probe"
@@ -86,6 +86,8 @@ def check_writable(s: JobSettings, remote: storage.Uri, workdir: Path) -> None:
     except OSError as exc:
         raise ConfigError(f"JOB_WORKDIR={s.workdir}: can't write scratch files there ({exc.strerror or exc}); "
                           "set JOB_WORKDIR to a writable directory (a volume in a container)") from None
+    if not output:  # only the process that uploads (rank 0) probes the output
+        return
     try:
         storage.probe_write(remote, token(s))
     except OSError as exc:
@@ -320,14 +322,15 @@ def planned_steps(s: JobSettings, fitted: sequences.Fitted, world_size: int = 1)
             "tokens": round(fitted.report["tokens"] * steps / per_epoch)}
 
 
-def prepare(s: JobSettings, run_id: str, *, dry: bool = False, world_size: int = 1) -> Plan:
-    """All checks, in order; `dry` (--check) reads but never writes or deletes anything but the probes."""
+def prepare(s: JobSettings, run_id: str, *, dry: bool = False, main: bool = True, world_size: int = 1) -> Plan:
+    """All checks, in order. `dry` (--check) reads but never writes or deletes anything but the probes; `main`: this
+    is the process that uploads (rank 0), which alone probes the output and acts on JOB_RESTART."""
     from job.model import ADAPTER_FILES, TOKENIZER_FILES, load_tokenizer
 
     tok = token(s)
     remote = storage.parse_uri(s.output).join(run_id)
     workdir = Path(s.workdir) / run_id
-    check_writable(s, remote, workdir)
+    check_writable(s, remote, workdir, output=main)
     inputs = read_data(s, workdir)
     log.info("data: %d training and %d eval records from %d files", len(inputs.train), len(inputs.eval), len(inputs.files))
 
@@ -348,7 +351,7 @@ def prepare(s: JobSettings, run_id: str, *, dry: bool = False, world_size: int =
     evald = sequences.fit(inputs.eval, s.stage, tokenizer, role="eval", **policy) if inputs.eval else None
 
     ident = identity(s, inputs, model_identity)
-    state = run_state(s, remote, ident, workdir, dry=dry)
+    state = run_state(s, remote, ident, workdir, dry=dry or not main)
     plan_steps = planned_steps(s, train, world_size)
     report = {
         "run_id": run_id,

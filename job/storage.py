@@ -16,6 +16,7 @@ TransientError (retry the run) or as a permanent error when retrying can't help 
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import logging
@@ -441,7 +442,8 @@ def probe_write(uri: Uri, token: str | None = None) -> None:
         probe.write_bytes(b"probe\n")
         probe.unlink()
         for p in created:  # leave nothing behind: a failed run must not look like it published something
-            p.rmdir()
+            with contextlib.suppress(OSError):  # not empty: another process of this run wrote there meanwhile
+                p.rmdir()
         return
     if isinstance(uri, S3Uri):
         from botocore.exceptions import BotoCoreError, ClientError
