@@ -132,7 +132,7 @@ def test_hidden_files_and_folders_are_skipped_and_the_report_lists_what_was_read
     (tmp_path / "._train.jsonl").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")  # AppleDouble, not JSON
     (tmp_path / "sub" / ".git").mkdir(parents=True)
     write(tmp_path / "sub" / ".git" / "x.jsonl", [{"text": "Q", "output": "A"}])
-    write(tmp_path / "sub" / "more.csv" if True else None, []).write_text("instruction,output\nQ3,A3\n", encoding="utf-8")
+    (tmp_path / "sub" / "more.csv").write_text("instruction,output\nQ3,A3\n", encoding="utf-8")
     report = []
     recs = load_records(tmp_path, "s3://b/data/", "sft", ColumnSettings(), report)
     assert [r["source"] for r in recs] == ["s3://b/data/sub/more.csv: row 1", "s3://b/data/train.jsonl: row 1",
