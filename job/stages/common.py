@@ -58,6 +58,14 @@ def make_trainer(trainer_cls, s: JobSettings, model, args, tokenizer, train_ds, 
                 return super()._get_train_sampler(train_dataset)
             return step_sorted_sampler(self.args, lengths)
 
+        def _run_epoch(self, *args, **kwargs):
+            # transformers checks MAX_STEPS only after a step: resumed from a checkpoint already at MAX_STEPS (a run
+            # stopped during its final upload), it would train one step more than asked.
+            if self.args.max_steps > 0 and self.state.global_step >= self.args.max_steps:
+                self.control.should_training_stop = True
+                return
+            return super()._run_epoch(*args, **kwargs)
+
     # A PeftModel (JOB_ADAPTER) keeps training its adapter (DPO: TRL copies it into a frozen "ref" adapter).
     peft_config = None if hasattr(model, "peft_config") else lora_config(s.lora)
     return Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
