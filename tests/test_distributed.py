@@ -95,3 +95,46 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_the_run_resum
     meta = json.loads((run / "run.json").read_text())
     assert meta["resumed_from"] == f"checkpoint-{step}" and meta["world_size"] == 2
     assert json.loads((run / "metrics.json").read_text())["steps"] == step + 2 and (run / "_SUCCESS").exists()
+
+
+AGREE = r'''
+import json, os, sys, time
+import torch, torch.distributed as dist
+from job.checkpoints import StopSignal
+
+dist.init_process_group("nccl")
+rank = dist.get_rank()
+device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+torch.cuda.set_device(device)
+stop = StopSignal()
+for _ in range(50):
+    assert stop.agree(device) is None
+n = 1000
+t0 = time.perf_counter()
+for _ in range(n):
+    stop.agree(device)
+per_step = (time.perf_counter() - t0) / n
+if rank == 1:
+    stop.signalled = stop.received = "SIGTERM"  # what StopSignal._handle records
+print(json.dumps({"rank": rank, "us_per_step": round(per_step * 1e6, 1), "stop": stop.agree(device)}), flush=True)
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.gpu
+def test_stop_agreement_over_nccl_on_two_gpus(tmp_path):
+    """The agreement's all-reduce on NCCL (tensors on each rank's GPU): a signal on rank 1 reaches rank 0, and the
+    check costs a small fraction of a training step. The SIGTERM test above also runs on NCCL where 2 GPUs are visible."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE)
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    r = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", str(script)], env=job_env(PYTHONPATH=str(ROOT)),
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {d["rank"]: d for d in map(json.loads, (l for l in r.stdout.splitlines() if l.startswith("{")))}
+    print(rows)
+    assert rows[0]["stop"] == "SIGTERM (on another process)" and rows[1]["stop"] == "SIGTERM"
+    assert rows[0]["us_per_step"] < 1000  # one small all-reduce and a sync per optimizer step
