@@ -24,6 +24,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
+import re
 import statistics
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,17 +36,35 @@ from job.settings import ColumnSettings
 
 SUPPORTED = (".jsonl", ".json", ".csv", ".parquet")
 ROLES = ("system", "user", "assistant")
+_SPACE = re.compile(r"\s*")
+
+log = logging.getLogger(__name__)
 
 
-def data_files(path: Path, display: str) -> list[tuple[Path, str]]:
-    """The data files at a local path, each with the name users know it by (its URI)."""
+def _hidden(rel: Path) -> bool:
+    # Editors, notebooks and macOS leave these beside the data (.ipynb_checkpoints/, .DS_Store, ._name): reading
+    # them would silently duplicate or corrupt the training set.
+    return any(part.startswith(".") for part in rel.parts)
+
+
+def data_files(path: Path, display: str, ignored: list[str] | None = None) -> list[tuple[Path, str]]:
+    """The data files at a local path, each with the name users know it by (its URI). Under a directory, hidden
+    files and anything in hidden folders are skipped; their names are appended to `ignored` when given. A file named
+    directly is read whatever its name."""
     if path.is_file():
         return [(path, display)]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED)
+    base = display.rstrip("/")
+    files = []
+    for p in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = p.relative_to(path)
+        if _hidden(rel):
+            if ignored is not None:
+                ignored.append(f"{base}/{rel.as_posix()}")
+        elif p.suffix.lower() in SUPPORTED:
+            files.append((p, f"{base}/{rel.as_posix()}"))
     if not files:
         raise DataError(f"{display}: no data files ({', '.join(SUPPORTED)}) found")
-    base = display.rstrip("/")
-    return [(p, f"{base}/{p.relative_to(path).as_posix()}") for p in files]
+    return files
 
 
 def _decode(raw: bytes, name: str) -> str:
@@ -63,6 +83,32 @@ def _decode(raw: bytes, name: str) -> str:
         raise DataError(f"{name}: line {line}: not valid UTF-8{hint}") from None
 
 
+def _json(text: str):
+    """json.loads, with every way it can fail as one ValueError (deep nesting raises RecursionError)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _json_error(exc: ValueError) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"line {exc.lineno}: invalid JSON ({exc.msg})"
+    return f"invalid JSON ({exc})"
+
+
+def _spans_lines(text: str) -> bool:
+    """Whether the text is a stream of JSON values that don't keep to one line each (pretty-printed objects)."""
+    decoder, i, n = json.JSONDecoder(), 0, 0
+    try:
+        while (i := _SPACE.match(text, i).end()) < len(text):
+            _, i = decoder.raw_decode(text, i)
+            n += 1
+    except (ValueError, RecursionError):
+        return False
+    return n > 0
+
+
 def read_rows(path: Path, name: str, stage: str, columns: ColumnSettings) -> Iterator[tuple[int, Any]]:
     """Yield (row number, record) from one file; row numbers are 1-based data rows."""
     suffix = path.suffix.lower()
@@ -74,10 +120,10 @@ def read_rows(path: Path, name: str, stage: str, columns: ColumnSettings) -> Ite
         import pyarrow.parquet as pq
 
         try:
-            table = pq.read_table(path)
-        except Exception as exc:
-            raise DataError(f"{name}: not a readable Parquet file ({exc})") from None
-        yield from enumerate(table.to_pylist(), start=1)
+            rows = pq.read_table(path).to_pylist()
+        except Exception as exc:  # pyarrow raises many types for a damaged file
+            raise DataError(f"{name}: not a readable Parquet file ({type(exc).__name__}: {str(exc)[:200]})") from None
+        yield from enumerate(rows, start=1)
         return
     text = _decode(path.read_bytes(), name)
     if not text.strip():
@@ -85,23 +131,50 @@ def read_rows(path: Path, name: str, stage: str, columns: ColumnSettings) -> Ite
     if suffix == ".csv":
         yield from _csv_rows(text, name, stage, columns)
         return
-    stripped = text.lstrip()
-    if suffix == ".json" and stripped.startswith("["):
+    lines = text.splitlines()
+    if suffix == ".json":
+        # A .json file is an array of records, or JSON Lines under another name; tell them apart by parsing it whole.
         try:
-            items = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{name}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
-        yield from enumerate(items, start=1)
-        return
+            whole = _json(text)
+        except ValueError as exc:
+            if text.lstrip().startswith("["):
+                raise DataError(f"{name}: {_json_error(exc)}") from None
+            whole = None  # several values: JSON Lines, read below
+        if isinstance(whole, list):
+            yield from enumerate(whole, start=1)
+            return
+        spread = sum(1 for line in lines if line.strip()) > 1
+        if isinstance(whole, dict) and spread:
+            lists = [k for k, v in whole.items() if isinstance(v, list)]
+            hint = (f"; the records may be the list under {lists[0]!r} ({len(whole[lists[0]])} items): extract it with "
+                    f"`jq '.{lists[0]}' {path.name}`" if len(lists) == 1 else "")
+            raise DataError(f"{name}: the file is one JSON object spread over {len(lines)} lines (keys: "
+                            f"{', '.join(sorted(whole)[:8])}), not records: write a JSON array of objects "
+                            f"[{{...}}, {{...}}] or one object per line (JSON Lines){hint}")
+        if whole is not None and not isinstance(whole, dict):
+            raise DataError(f"{name}: the file holds a single JSON {type(whole).__name__}, not records: write a JSON "
+                            "array of objects or one object per line (JSON Lines)")
     row = 0
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         row += 1
         try:
-            yield row, json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{name}: row {row} (line {lineno}): invalid JSON ({exc.msg})") from None
+            value = _json(line)
+        except ValueError as exc:
+            hint = ""
+            if _spans_lines(text):
+                hint = ": the objects span several lines; JSON Lines needs one object per line (`jq -c . in > out.jsonl`)"
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+            raise DataError(f"{name}: row {row} (line {lineno}): invalid JSON ({reason}){hint}") from None
+        yield row, value
+
+
+def _looks_like_names(values: list[str]) -> bool:
+    """A header line: every value a short column name (`question`, `good_answer`, `Chosen response`), not text."""
+    names = [v.strip() for v in values]
+    return len(set(names)) == len(names) and all(re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*(?:[ ._-][A-Za-z0-9_]+){0,2}", v)
+                                                 and len(v) <= 32 for v in names)
 
 
 def _csv_rows(text: str, name: str, stage: str, columns: ColumnSettings) -> Iterator[tuple[int, Any]]:
@@ -110,21 +183,52 @@ def _csv_rows(text: str, name: str, stage: str, columns: ColumnSettings) -> Iter
         rows = list(reader)
     except csv.Error as exc:
         raise DataError(f"{name}: line {reader.line_num}: invalid CSV ({exc})") from None
-    header = [h.strip() for h in rows[0]]
-    known = {"prompt", "chosen", "rejected", *(v for v in (columns.prompt, columns.chosen, columns.rejected) if v)}
-    if stage == "dpo" and len(header) == 3 and not known & set(header):
-        header, body = ["prompt", "chosen", "rejected"], rows  # the seed's header-less preference file
+    first = [h.strip() for h in rows[0]]
+    c = columns
+    if stage == "dpo":
+        need = {"JOB_COLUMNS__PROMPT": c.prompt or "prompt", "JOB_COLUMNS__CHOSEN": c.chosen or "chosen",
+                "JOB_COLUMNS__REJECTED": c.rejected or "rejected"}
+        if set(need.values()) & set(first) or _looks_like_names(first):
+            missing = {var: col for var, col in need.items() if col not in first}
+            if missing:
+                raise DataError(
+                    f"{name}: the header {','.join(first)} has no column {', '.join(map(repr, missing.values()))}: name "
+                    f"the columns prompt,chosen,rejected, or set {', '.join(missing)} to the names of yours (if line 1 "
+                    "is data, add the header line prompt,chosen,rejected)")
+            header, body = first, rows[1:]
+        elif len(first) == 3:
+            header, body = ["prompt", "chosen", "rejected"], rows  # the seed's header-less preference file
+        else:
+            raise DataError(
+                f"{name}: line 1 has {len(first)} columns and is not a header naming prompt, chosen and rejected; a "
+                "file without a header must have exactly three columns (prompt, chosen, rejected in that order): add "
+                "a header line, and map its names with JOB_COLUMNS__PROMPT, __CHOSEN and __REJECTED if they differ")
     else:
-        body = rows[1:]
+        header, body = first, rows[1:]
+        if _sft_format(set(header), c) is None:
+            raise DataError(
+                f"{name}: the header {','.join(header)} names no recognised columns; expected text,output or "
+                "instruction,output (optionally input) or input,output or prompt,completion; or set "
+                "JOB_COLUMNS__PROMPT and JOB_COLUMNS__COMPLETION (and JOB_COLUMNS__INPUT) to the names of yours")
     for i, values in enumerate(body, start=1):
         if not any(v.strip() for v in values):
             continue
         if len(values) != len(header):
-            raise DataError(f"{name}: row {i}: {len(values)} fields, the header has {len(header)}")
+            what = "the header has" if header is first else "a file without a header needs"
+            raise DataError(f"{name}: row {i}: {len(values)} fields, {what} {len(header)}")
         yield i, dict(zip(header, values))
 
 
 # ----------------------------------------------------------------------------------------------- normalising
+
+
+def _valid(value: str, key: str, where: str) -> str:
+    # JSON's \\ud800 escapes decode to lone surrogates, which Arrow and the tokenizer can't encode: fail here, named.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataError(f"{where}: field {key!r} contains an invalid character ({exc.reason}: {value[exc.start]!r})") from None
+    return value
 
 
 def _text(record: dict, key: str, where: str, *, allow_empty: bool = False) -> str:
@@ -135,7 +239,7 @@ def _text(record: dict, key: str, where: str, *, allow_empty: bool = False) -> s
         raise DataError(f"{where}: field {key!r} must be text, got {type(value).__name__}")
     if not allow_empty and not value.strip():
         raise DataError(f"{where}: field {key!r} is empty")
-    return value
+    return _valid(value, key, where)
 
 
 def _messages(value: Any, key: str, where: str) -> list[dict]:
@@ -143,11 +247,12 @@ def _messages(value: Any, key: str, where: str) -> list[dict]:
         raise DataError(f"{where}: field {key!r} must be a non-empty list of messages")
     out = []
     for j, m in enumerate(value, start=1):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ROLES \
+                or not isinstance(m.get("content"), str):
             raise DataError(f"{where}: {key}[{j}] must be {{'role': one of {ROLES}, 'content': text}}")
         if not m["content"].strip():
             raise DataError(f"{where}: {key}[{j}] ({m['role']}) has empty content")
-        out.append({"role": m["role"], "content": m["content"]})
+        out.append({"role": m["role"], "content": _valid(m["content"], f"{key}[{j}]", where)})
     return out
 
 
@@ -155,7 +260,7 @@ def _as_prompt(value: Any, key: str, where: str) -> list[dict]:
     if isinstance(value, str):
         if not value.strip():
             raise DataError(f"{where}: field {key!r} is empty")
-        return [{"role": "user", "content": value}]
+        return [{"role": "user", "content": _valid(value, key, where)}]
     msgs = _messages(value, key, where)
     if not any(m["role"] == "user" for m in msgs):
         raise DataError(f"{where}: field {key!r} has no user message")
@@ -166,50 +271,69 @@ def _as_answer(value: Any, key: str, where: str) -> list[dict]:
     if isinstance(value, str):
         if not value.strip():
             raise DataError(f"{where}: field {key!r} (the answer) is empty")
-        return [{"role": "assistant", "content": value}]
+        return [{"role": "assistant", "content": _valid(value, key, where)}]
     msgs = _messages(value, key, where)
     if msgs[-1]["role"] != "assistant":
         raise DataError(f"{where}: field {key!r} must end with an assistant message")
     return msgs
 
 
-def _sft_format(keys: set[str], c: ColumnSettings) -> str | None:
-    if c.messages or "messages" in keys:
-        return "messages"
-    if (c.prompt or "prompt") in keys and (c.completion or "completion") in keys:
-        return "prompt_completion"
-    if (c.prompt or "instruction") in keys and (c.completion or "output") in keys:
-        return "alpaca"
-    if "text" in keys and "output" in keys:
-        return "text_output"
-    if "input" in keys and "output" in keys:
-        return "input_output"
+def _sft_format(keys: set[str], c: ColumnSettings) -> tuple[str, dict] | None:
+    """The record format and the column read for each part, e.g. ("alpaca", {"prompt": "instruction", "input":
+    "input", "completion": "output"}); None when the columns match none."""
+    if c.messages or ("messages" in keys and not (c.prompt or c.completion)):
+        return "messages", {"messages": c.messages or "messages"}
+    candidates = [
+        ("prompt_completion", c.prompt or "prompt", c.completion or "completion"),
+        ("alpaca", c.prompt or "instruction", c.completion or "output"),
+    ]
+    if not (c.prompt or c.completion):  # columns the user named must be there, not replaced by a guess
+        candidates += [("text_output", "text", "output"), ("input_output", "input", "output")]
+    for fmt, pk, ck in candidates:
+        if pk in keys and ck in keys:
+            # Alpaca's optional `input` is part of the prompt, also when its columns are named with JOB_COLUMNS__*.
+            ik = c.input or ("input" if pk == "instruction" else None)
+            if ik in (pk, ck):
+                ik = None
+            return ("alpaca" if ik and fmt == "prompt_completion" else fmt), {"prompt": pk, "input": ik, "completion": ck}
     return None
 
 
-def _sft_record(rec: dict, fmt: str, c: ColumnSettings, where: str) -> dict:
+def _no_format(keys: set[str], c: ColumnSettings, where: str) -> DataError:
+    mapped = {f"JOB_COLUMNS__{k.upper()}": v for k, v in (("prompt", c.prompt), ("completion", c.completion)) if v}
+    absent = {var: col for var, col in mapped.items() if col not in keys}
+    if absent:
+        return DataError(f"{where}: {', '.join(f'{var}={col!r}' for var, col in absent.items())}: no such column "
+                         f"(the columns are {', '.join(sorted(keys)) or 'none'})")
+    return DataError(
+        f"{where}: no recognised columns in {sorted(keys)}; expected text+output, instruction+output, input+output, "
+        "prompt+completion or messages (or map yours with JOB_COLUMNS__PROMPT and JOB_COLUMNS__COMPLETION)"
+    )
+
+
+def _sft_record(rec: dict, fmt: str, cols: dict, where: str) -> dict:
     if fmt == "messages":
-        key = c.messages or "messages"
+        key = cols["messages"]
         msgs = _messages(rec.get(key), key, where)
         if msgs[-1]["role"] != "assistant" or not any(m["role"] == "user" for m in msgs[:-1]):
             raise DataError(f"{where}: {key!r} must contain a user message and end with the assistant's answer")
         return {"prompt": msgs[:-1], "completion": msgs[-1:]}
-    if fmt == "prompt_completion":
-        pk, ck = c.prompt or "prompt", c.completion or "completion"
-        if pk not in rec or ck not in rec:
-            raise DataError(f"{where}: missing field {pk if pk not in rec else ck!r}")
-        return {"prompt": _as_prompt(rec[pk], pk, where), "completion": _as_answer(rec[ck], ck, where)[-1:]}
-    if fmt == "alpaca":
-        pk, ck, ik = c.prompt or "instruction", c.completion or "output", c.input or "input"
-        prompt = _text(rec, pk, where)
-        extra = rec.get(ik)
-        if extra is not None and not isinstance(extra, str):
-            raise DataError(f"{where}: field {ik!r} must be text, got {type(extra).__name__}")
-        if extra and extra.strip():
-            prompt = f"{prompt}\n\n{extra}"
-        return {"prompt": _as_prompt(prompt, pk, where), "completion": _as_answer(_text(rec, ck, where), ck, where)}
-    pk = "text" if fmt == "text_output" else "input"
-    return {"prompt": _as_prompt(_text(rec, pk, where), pk, where), "completion": _as_answer(_text(rec, "output", where), "output", where)}
+    pk, ik, ck = cols["prompt"], cols["input"], cols["completion"]
+    for k in (pk, ck):
+        if k not in rec or rec[k] is None:
+            raise DataError(f"{where}: missing field {k!r}")
+    prompt = rec[pk]
+    extra = rec.get(ik) if ik else None
+    if extra is not None and not isinstance(extra, str):
+        raise DataError(f"{where}: field {ik!r} must be text, got {type(extra).__name__}")
+    if extra and extra.strip():
+        if not isinstance(prompt, str):
+            raise DataError(f"{where}: field {ik!r} can only be added to a text {pk!r}, not to messages")
+        prompt = f"{prompt}\n\n{_valid(extra, ik, where)}"
+    if fmt in ("prompt_completion", "alpaca"):  # TRL's prompt-completion: strings or message lists
+        return {"prompt": _as_prompt(prompt, pk, where), "completion": _as_answer(rec[ck], ck, where)[-1:]}
+    return {"prompt": _as_prompt(_text({pk: prompt}, pk, where), pk, where),
+            "completion": _as_answer(_text(rec, ck, where), ck, where)}
 
 
 def _dpo_record(rec: dict, c: ColumnSettings, where: str) -> dict:
@@ -232,40 +356,57 @@ def _dpo_record(rec: dict, c: ColumnSettings, where: str) -> dict:
 
 
 def load_records(path: Path, display: str, stage: str, columns: ColumnSettings, report: list | None = None) -> list[dict]:
-    """Read and validate every file at `path`; returns normalised records (prompt as messages, answer as messages,
-    `source`: file and row). `report`, when given, gets one entry per file read: name, format, records."""
+    """Read and validate every file at `path`; returns normalised records (prompt as messages, answer as messages),
+    each with `source`: "<file>: row N", where it came from.
+
+    `report`, when given, gets one entry per file read: {"file", "format", "columns" (which column holds each part),
+    "records"}. Hidden files and folders under a directory are skipped (and logged)."""
     records: list[dict] = []
-    for file, name in data_files(path, display):
-        fmt = None
+    ignored: list[str] = []
+    files = data_files(path, display, ignored)
+    if ignored:
+        log.info("%s: skipped %d hidden file(s): %s", display, len(ignored), ", ".join(ignored[:5]) + (" ..." if len(ignored) > 5 else ""))
+    for file, name in files:
+        fmt, cols, seen = None, None, set()
         before = len(records)
         for row, rec in read_rows(file, name, stage, columns):
             where = f"{name}: row {row}"
             if not isinstance(rec, dict):
                 raise DataError(f"{where}: expected an object with named fields, got {type(rec).__name__}")
+            if any(not isinstance(k, str) for k in rec):
+                raise DataError(f"{where}: field names must be text")
+            seen.update(rec)
             if stage == "dpo":
-                records.append({**_dpo_record(rec, columns, where), "source": where})
-                fmt = "prompt_chosen_rejected"
-                continue
-            if fmt is None:
-                fmt = _sft_format(set(rec), columns)
+                record = _dpo_record(rec, columns, where)
                 if fmt is None:
-                    raise DataError(
-                        f"{where}: no recognised columns in {sorted(rec)}; expected text+output, instruction+output, "
-                        "input+output, prompt+completion or messages (or map yours with JOB_COLUMNS__PROMPT and "
-                        "JOB_COLUMNS__COMPLETION)"
-                    )
-            records.append({**_sft_record(rec, fmt, columns, where), "source": where})
+                    pk = columns.prompt or "prompt"
+                    fmt = "preference" if rec.get(pk) is not None else "preference_implicit_prompt"
+                    cols = {"prompt": pk if fmt == "preference" else None,
+                            "chosen": columns.chosen or "chosen", "rejected": columns.rejected or "rejected"}
+            else:
+                if fmt is None:
+                    found = _sft_format(set(rec), columns)
+                    if found is None:
+                        raise _no_format(set(rec), columns, where)
+                    fmt, cols = found
+                record = _sft_record(rec, fmt, cols, where)
+            record["source"] = where
+            records.append(record)
         if len(records) == before:
             raise DataError(f"{name}: no records (only a header or blank lines)")
+        if columns.input and stage == "sft" and columns.input not in seen:
+            log.warning("%s: JOB_COLUMNS__INPUT=%r is not a column of this file (its columns: %s)",
+                        name, columns.input, ", ".join(sorted(seen)))
         if report is not None:
-            report.append({"file": name, "format": fmt, "records": len(records) - before})
+            report.append({"file": name, "format": fmt, "columns": cols, "records": len(records) - before})
     return records
 
 
 def to_dataset(records: list[dict]):
+    """The records as a `datasets.Dataset` for TRL, without `source` (bookkeeping, not a column to train on)."""
     from datasets import Dataset
 
-    return Dataset.from_list(records)
+    return Dataset.from_list([{k: v for k, v in r.items() if k != "source"} for r in records])
 
 
 def split_eval(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

@@ -27,7 +27,8 @@ def test_check_reports_stats_without_loading_the_model(tiny_model, tmp_path):
     assert report["train"]["records"] == 24 and report["prompt_format"] == "instruction"
     assert 0 < report["train"]["tokens_p50"] <= report["train"]["tokens_max"] <= 40
     assert report["train"]["prompt_cut"] > 0 and "longer than JOB_TRAIN__MAX_LENGTH=40" in r.stderr
-    assert report["files"] == [{"role": "train", "file": str(DEMO_DATA / "sft.jsonl"), "format": "text_output", "records": 24}]
+    [read] = report["files"]
+    assert (read["role"], read["file"], read["format"], read["records"]) == ("train", str(DEMO_DATA / "sft.jsonl"), "text_output", 24)
     assert report["example"]["prompt"].startswith("<s>### 指示\n") and report["example"]["trained"].endswith("</s>")
     assert report["plan"]["steps"] > 0 and report["run"] == "a new run"
     assert not (tmp_path / "out").exists()  # the write probe leaves nothing behind

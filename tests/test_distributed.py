@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import DEMO_DATA, ROOT, job_env
 
 
@@ -29,3 +31,110 @@ def test_two_processes_train_one_run_and_upload_once(tiny_model, tmp_path):
     lines = r.stderr.splitlines()  # rank 0 alone uploads: one checkpoint upload, one _SUCCESS upload
     assert sum("checkpoint checkpoint-2 uploaded" in l for l in lines) == 1
     assert sum("uploading" in l and "_SUCCESS" in l for l in lines) == 1
+
+
+def _workers(launcher_pid: int) -> dict[int, int]:
+    """torchrun's worker processes (children of the launcher), by their RANK."""
+    import os
+
+    out = {}
+    for children in Path(f"/proc/{launcher_pid}/task").glob("*/children"):
+        for pid in map(int, children.read_text().split()):
+            env = dict(e.split("=", 1) for e in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in e)
+            if "RANK" in env:
+                out[int(env["RANK"])] = pid
+    return out
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_the_run_resumes(tiny_model, tmp_path):
+    """What a multi-node reclaim does: only one process is signalled (here rank 1, which doesn't upload). All ranks
+    must save the same step and exit 143 (a rank stopping alone left the others waiting in a collective for good)."""
+    import os
+    import signal
+    import time
+
+    from job.exitcodes import ExitCode
+
+    launch = [sys.executable, str(ROOT / "docker" / "launch.py"), "--standalone", "--nproc-per-node", "2", "-m", "job"]
+    env = job_env(JOB_STAGE="sft", JOB_BASE_MODEL=str(tiny_model), JOB_DATA=str(DEMO_DATA / "sft.jsonl"), JOB_OUTPUT=str(tmp_path / "out"),
+                  JOB_WORKDIR=str(tmp_path / "w"), JOB_RUN_ID="multi", JOB_TRAIN__MAX_STEPS="400", JOB_TRAIN__SAVE_STEPS="0",
+                  JOB_TRAIN__LOGGING_STEPS="1", JOB_LOG_FORMAT="json", JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE="1",
+                  JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS="1", JOB_TRAIN__MAX_LENGTH="128", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(launch, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        for line in proc.stderr:  # rank 0 logs each step: wait until training is under way
+            if '"event": "metrics"' in line and '"step": 3,' in line:
+                break
+            assert time.time() < deadline, "training did not start"
+        workers = _workers(proc.pid)
+        assert sorted(workers) == [0, 1]
+        os.kill(workers[1], signal.SIGTERM)
+        try:
+            _, rest = proc.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the processes did not stop within 180 s of SIGTERM to rank 1 (deadlock)")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == ExitCode.PREEMPTED, rest[-3000:]
+    assert "SIGTERM (on another process): saving a checkpoint after this step" in rest  # rank 0 heard of it
+    run = tmp_path / "out" / "multi"
+    done = sorted(run.glob("checkpoints/checkpoint-*/_COMPLETE"))
+    assert len(done) == 1 and not (run / "_SUCCESS").exists()
+    step = int(done[0].parent.name.split("-")[1])
+    # Both ranks saved this same step: each process's RNG state is in the one checkpoint.
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in done[0].parent.iterdir()}
+    assert 3 <= step < 400
+
+    # The retried pod group: same run id, fresh disks; it continues from that checkpoint and finishes.
+    env.update(JOB_WORKDIR=str(tmp_path / "w2"), JOB_TRAIN__MAX_STEPS=str(step + 2))
+    r = subprocess.run(launch, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["resumed_from"] == f"checkpoint-{step}" and meta["world_size"] == 2
+    assert json.loads((run / "metrics.json").read_text())["steps"] == step + 2 and (run / "_SUCCESS").exists()
+
+
+AGREE = r'''
+import json, os, sys, time
+import torch, torch.distributed as dist
+from job.checkpoints import StopSignal
+
+dist.init_process_group("nccl")
+rank = dist.get_rank()
+device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+torch.cuda.set_device(device)
+stop = StopSignal()
+for _ in range(50):
+    assert stop.agree(device) is None
+n = 1000
+t0 = time.perf_counter()
+for _ in range(n):
+    stop.agree(device)
+per_step = (time.perf_counter() - t0) / n
+if rank == 1:
+    stop.signalled = stop.received = "SIGTERM"  # what StopSignal._handle records
+print(json.dumps({"rank": rank, "us_per_step": round(per_step * 1e6, 1), "stop": stop.agree(device)}), flush=True)
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.gpu
+def test_stop_agreement_over_nccl_on_two_gpus(tmp_path):
+    """The agreement's all-reduce on NCCL (tensors on each rank's GPU): a signal on rank 1 reaches rank 0, and the
+    check costs a small fraction of a training step. The SIGTERM test above also runs on NCCL where 2 GPUs are visible."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE)
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    r = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", str(script)], env=job_env(PYTHONPATH=str(ROOT)),
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {d["rank"]: d for d in map(json.loads, (l for l in r.stdout.splitlines() if l.startswith("{")))}
+    print(rows)
+    assert rows[0]["stop"] == "SIGTERM (on another process)" and rows[1]["stop"] == "SIGTERM"
+    assert rows[0]["us_per_step"] < 1000  # one small all-reduce and a sync per optimizer step

@@ -25,7 +25,7 @@ def _records():
     # The demo's QA records plus longer ones, so that rows hold examples of very different lengths.
     rows = [json.loads(line) for line in (DEMO_DATA / "sft.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
     rows += [{"text": r["text"] * 3, "output": r["output"] * 4} for r in rows[:6]]
-    return [data._sft_record(r, "text_output", ColumnSettings(), "test") for r in rows]
+    return [data._sft_record(r, *data._sft_format(set(r), ColumnSettings()), "test") for r in rows]
 
 
 @pytest.fixture(scope="module")

@@ -111,6 +111,14 @@ def make_trainer(trainer_cls, s: JobSettings, model, args, tokenizer, train_rows
                 if p.requires_grad and p.dtype != torch.float32:
                     p.data = p.data.to(torch.float32)
 
+        def _run_epoch(self, *args, **kwargs):
+            # transformers checks the step budget only after a step: resumed from a checkpoint already at the end (the
+            # final checkpoint of a run stopped during its final upload), it would train one step more than asked.
+            if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
+                self.control.should_training_stop = True
+                return
+            return super()._run_epoch(*args, **kwargs)
+
     # A PeftModel (JOB_ADAPTER) keeps training its adapter (DPO: TRL copies it into a frozen "ref" adapter).
     peft_config = None if hasattr(model, "peft_config") else lora_config(s.lora)
     return Trainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
