@@ -10,15 +10,17 @@ variable-length flash attention over a 4,082-token row of 8 examples, 40 heads x
 against 4.8 ms for SDPA with the block mask, equal within bf16 rounding.
 
 The collator already computed each example's boundaries on the CPU (`cu_seq_lens_q`, `max_length_q`, passed down to
-every attention call with the batch), so nothing is derived from `position_ids` on the GPU and no mask is used:
+every attention call with the batch), so the kernel needs no mask and nothing derived on the GPU (transformers still
+builds sdpa's mask once per forward, for the paths below that use it):
 
 * packed rows (`cu_seq_lens_q` given, one row, no KV cache) on CUDA in bf16/fp16 with flash attention available:
   `torch.nn.attention.varlen.varlen_attn`, causal within each example;
 * packed rows anywhere else (CPU, fp32): the same boundaries, one causal SDPA per example (exact, slower);
 * everything else (unpacked or padded batches, DPO, generation with a KV cache, dropout, sliding windows, soft-capping,
   bidirectional use): transformers' own `sdpa`, with the mask transformers builds for it (the mask function registered
-  for this name is `sdpa`'s), so behaviour there is exactly `sdpa`'s. On CUDA it avoids cuDNN's SDPA backend, whose
-  per-shape plan building stalls the GPU when every micro-batch has a new length (padded DPO batches).
+  for this name is `sdpa`'s), so the results there are `sdpa`'s. On CUDA that path leaves out cuDNN's SDPA backend,
+  whose plan for each new shape stalls the GPU when micro-batches keep changing length (padded DPO batches); whether
+  that pays is measured by the benchmark's `cudnn` variant (bench/NOTES.md).
 
     >>> from job import attention
     >>> model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention.choose("cuda:0"))
@@ -36,10 +38,10 @@ log = logging.getLogger(__name__)
 
 NAME = "packed_varlen"
 
-#: SDPA backends for the masked (non-packed) path on CUDA: everything but cuDNN, whose plan for each new sequence
-#: length costs ~50 ms on the first call (seen in the H200 profile). A bench switch; None leaves PyTorch's choice.
-SDPA_BACKENDS: list | None = None  # filled lazily (torch.nn.attention imports are cheap but keep import time flat)
+#: The masked path on CUDA leaves cuDNN out of SDPA's choice (its plan for each new sequence length preceded ~50 ms
+#: gaps in the H200 profile); False gives PyTorch's own choice back (the benchmark's `cudnn` variant).
 AVOID_CUDNN = True
+_NO_CUDNN: list | None = None  # the backends, built on first use
 
 
 @functools.cache
@@ -57,6 +59,8 @@ def kernel_available(device: str | torch.device) -> bool:
     """Whether packed rows on this device go through the flash varlen kernel (CUDA, compute capability 8.0+)."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available() or _varlen_kernel() is None:
+        return False
+    if not getattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)():  # builds without flash
         return False
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
@@ -82,7 +86,7 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
-def _is_packed_call(module, query, key, attention_mask, dropout, kwargs) -> bool:
+def _is_packed_call(module, query, key, dropout, kwargs) -> bool:
     """A packed training row whose example boundaries the collator gave, and nothing varlen can't express."""
     if kwargs.get("cu_seq_lens_q") is None or query.shape[0] != 1:
         return False
@@ -98,7 +102,7 @@ def _is_packed_call(module, query, key, attention_mask, dropout, kwargs) -> bool
 def packed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
     """transformers' attention signature: query (batch, heads, seq, dim), key/value (batch, kv_heads, seq, dim);
     returns ((batch, seq, heads, dim), None)."""
-    if not _is_packed_call(module, query, key, attention_mask, dropout, kwargs):
+    if not _is_packed_call(module, query, key, dropout, kwargs):
         return _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     # Self-attention without a cache: the key boundaries are the query boundaries (the collator gives the same list
     # twice; comparing the two device copies would cost a host sync per layer).
@@ -112,7 +116,8 @@ def varlen_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq_lens
     """Causal attention within each segment [cu[i], cu[i+1]) of a flat row: q (tokens, heads, dim), k/v (tokens,
     kv_heads, dim) -> (tokens, heads, dim). Flash varlen on CUDA in half precision; one SDPA per segment otherwise."""
     kernel = _varlen_kernel()
-    if q.is_cuda and kernel is not None and q.dtype in (torch.bfloat16, torch.float16):
+    flash_shape = q.shape[-1] % 8 == 0 and q.shape[-1] <= 256  # head sizes the flash kernel has
+    if q.is_cuda and kernel is not None and q.dtype in (torch.bfloat16, torch.float16) and flash_shape:
         fn, params = kernel
         if max_len is None:
             max_len = int((cu_seq_lens[1:] - cu_seq_lens[:-1]).max())
@@ -154,8 +159,8 @@ def _sdpa(module, query, key, value, attention_mask, **kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    global SDPA_BACKENDS
-    if SDPA_BACKENDS is None:
-        SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    with sdpa_kernel(SDPA_BACKENDS):
+    global _NO_CUDNN
+    if _NO_CUDNN is None:
+        _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(_NO_CUDNN):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
