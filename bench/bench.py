@@ -763,7 +763,8 @@ def headline_row(r: dict | None, source: str) -> dict:
 
 
 def headline(files: list[Path]) -> dict:
-    """headline.json from one or more result files of one shape (later files win for the same run)."""
+    """headline.json from one or more result files of one shape. For a run in several files the last measured one
+    counts: a later skipped or failed attempt does not hide an earlier measurement."""
     results = [(f, json.loads(f.read_text())) for f in files]
     shapes = {res["shape"] for _, res in results}
     if len(shapes) != 1:
@@ -777,7 +778,10 @@ def headline(files: list[Path]) -> dict:
     runs: dict = {}
     for f, res in results:
         for r in res["runs"]:
-            runs[(r.get("who"), r.get("stage"), r.get("name"))] = (r, f.name)
+            key = (r.get("who"), r.get("stage"), r.get("name"))
+            measured = not (r.get("skipped") or r.get("error"))
+            if measured or key not in runs or runs[key][0].get("skipped") or runs[key][0].get("error"):
+                runs[key] = (r, f.name)
     for stage in ("sft", "dpo"):
         block = {}
         for key, (who, name) in HEADLINE_ROWS.items():

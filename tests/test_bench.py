@@ -140,3 +140,19 @@ def test_dequantize_once_computes_what_bitsandbytes_computes(tiny_model):
     torch.testing.assert_close(lb, la, atol=0, rtol=0)
     for n in ga:
         torch.testing.assert_close(gb[n], ga[n], atol=0, rtol=0)
+
+
+def test_headline_keeps_a_measurement_over_a_later_skip(tmp_path):
+    def result(name, runs):
+        path = tmp_path / name
+        path.write_text(json.dumps({"shape": "13b", "environment": {"device": "NVIDIA H200", "git_commit": "abc1234"}, "runs": runs}))
+        return path
+
+    measured = {"who": "job", "stage": "dpo", "name": "default", "tokens_per_second": 10.0, "pairs_per_second": 4.0,
+                "steady_pairs_per_second": 4.5, "peak_gpu_memory_gib": 60.0}
+    first = result("bench-13b-run1.json", [measured])
+    second = result("bench-13b-run2.json", [{"who": "job", "stage": "dpo", "name": "default", "skipped": "the bench's deadline"}])
+    h = bench_module.headline([first, second])
+    assert h["dpo_13b"]["job"]["steady_pairs_per_s"] == 4.5 and h["dpo_13b"]["job"]["source"] == "bench-13b-run1.json"
+    assert h["goals"]["dpo steady pairs/s"] == {"target": ">= 6", "measured": 4.5, "met": False}
+    assert "no Unsloth DPO peer" in h["dpo_13b"]["unsloth"]["skipped"]

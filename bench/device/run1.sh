@@ -25,8 +25,8 @@ ready
 # The benchmark, most valuable first: the job's new default (varlen attention), the best peer (Unsloth: its fastest and
 # its low-memory mode, one process), stock TRL, the job's low-memory setting, DPO, then the A/B of the attention lever
 # (the old sdpa path), the kept dequantized base (bench/levers.py) and LoRA dropout 0 (a speed figure only).
-PLAN=sft:job:default@8,sft:unsloth:unsloth+unsloth_lowmem@8,sft:trl:trl_best@8,sft:job:lowmem4@8,dpo:job:default
-PLAN=$PLAN,sft:job:sdpa@8,sft:job:dequant@8,sft:job:dropout0@8
+PLAN=sft:job:default@10,sft:unsloth:unsloth+unsloth_lowmem@10,sft:trl:trl_best@10,sft:job:lowmem4@8,dpo:job:default
+PLAN=$PLAN,sft:job:sdpa@10,sft:job:dequant@8,sft:job:dropout0@8
 timeout $(( $(left) - 8 )) python3 bench/bench.py run --shape "$SHAPE" --work "$WORK" --out "$OUT" --tag "$NAME" --plan "$PLAN" \
   --warmup-steps 2 --deadline-s $(( $(left) - 80 ))
 at "bench exit $?"

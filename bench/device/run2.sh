@@ -12,7 +12,8 @@ set -u -o pipefail
 NAME=run2
 source bench/device/common.sh
 ready
-PLAN=e2e,dpo:trl:trl_best,dpo:job:lowmem4,sft:seed:seed@6,dpo:seed:seed@4,dpo:job:cudnn,sft:trl:trl_best_gc@8
+PLAN=e2e,dpo:job:default,dpo:job:cudnn,dpo:trl:trl_best,dpo:job:lowmem4,sft:seed:seed@6,dpo:seed:seed@4
+PLAN=$PLAN,sft:job:dequant@8,sft:job:dropout0@8,sft:trl:trl_best_gc@8
 timeout $(( $(left) - 8 )) python3 bench/bench.py run --shape "$SHAPE" --work "$WORK" --out "$OUT" --tag "$NAME" --plan "$PLAN" \
   --warmup-steps 2 --deadline-s $(( $(left) - 70 ))
 at "bench exit $?"
