@@ -108,7 +108,7 @@ def test_the_parts_options_still_describe_the_same_runs():
         ("sft", "job", ["default"], 8), ("sft", "unsloth", ["unsloth_lowmem", "unsloth"], None), ("sft+dpo", "e2e", ["e2e"], None)]
 
 
-def test_dequantize_once_computes_what_bitsandbytes_computes(tiny_model):
+def test_dequantize_once_computes_what_bitsandbytes_computes(tiny_model, monkeypatch):
     """bench/levers.py's kept bf16 copy of the 4-bit base gives the same logits and LoRA gradients as bitsandbytes'
     per-call dequantization (on the CPU here; the bench's `dequant` variant measures the speed on the GPU)."""
     import torch
@@ -136,7 +136,14 @@ def test_dequantize_once_computes_what_bitsandbytes_computes(tiny_model):
     added = levers.dequantize_once(fast)
     assert added == sum(m.weight.quant_state.shape.numel() * 2 for m in fast.modules() if hasattr(m, "_dequantized"))
     assert added > 0
-    (la, ga), (lb, gb) = run(base), run(fast)
+    la, ga = run(base)
+    import bitsandbytes as bnb
+
+    def no_dequantize(*a, **kw):
+        raise AssertionError("bitsandbytes' 4-bit matmul was called: the kept copy is not in use")
+
+    monkeypatch.setattr(bnb, "matmul_4bit", no_dequantize)  # what Linear4bit.forward calls
+    lb, gb = run(fast)
     torch.testing.assert_close(lb, la, atol=0, rtol=0)
     for n in ga:
         torch.testing.assert_close(gb[n], ga[n], atol=0, rtol=0)

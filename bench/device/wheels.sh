@@ -73,6 +73,19 @@ for whl in glob.glob(".gpuw/common/bitsandbytes-*.whl"):
 for whl in glob.glob(".gpuw/unsloth/unsloth-*.whl"):
     rewrite(whl, lambda rel: rel.startswith(("studio/", "unsloth_cli/")))
 PY
+python3 - <<'PY'
+"""Warn about a dependency in pyproject.toml that neither the GPU image (its package list, as KINDS.md gave it in
+2026-11) nor .gpuw/ has: `import job` may need it on the device."""
+import glob, os, re, tomllib
+image = {"accelerate", "huggingface-hub", "peft", "safetensors", "tokenizers", "tqdm", "pyarrow", "torch", "numpy", "pandas",
+         "requests", "pyyaml", "packaging", "filelock", "fsspec", "xxhash", "triton", "jinja2", "psutil", "rich", "pytest"}
+lazy = {"boto3"}  # imported only for s3:// paths, which the benchmark does not use
+have = {re.split(r"-\d", os.path.basename(w))[0].lower().replace("_", "-") for w in glob.glob(".gpuw/*/*.whl")}
+deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
+names = {re.split(r"[<>=!~ ;\[]", d, maxsplit=1)[0].lower().replace("_", "-") for d in deps}
+missing = sorted(names - image - have - lazy)
+print("wheels: every dependency is in the image or .gpuw/" if not missing else f"wheels: WARNING not carried and not in the image: {missing}")
+PY
 du -sh .gpuw/* .gpuw
 total=$(du -sbc .gpuw | tail -1 | cut -f1)
 [ "$total" -lt $((60 * 1024 * 1024)) ] || { echo "wheels: $total bytes, too close to the 64 MiB carry limit"; exit 1; }
