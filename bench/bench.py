@@ -645,7 +645,8 @@ def cmd_run(a, argv: list[str]) -> int:
             continue
         if who == "unsloth":
             log(f"--- unsloth {'+'.join(names)}")
-            res["runs"] += run_unsloth(ctx, names, steps, timeout=left())
+            # Its process may run a minute past the deadline (a run started before it is allowed to finish).
+            res["runs"] += run_unsloth(ctx, names, steps, timeout=None if left() is None else left() + 60)
             save()
             for r in res["runs"][-len(names):]:
                 log(summary_line(r))

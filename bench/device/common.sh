@@ -36,6 +36,12 @@ ready() {  # the model and Unsloth's environment
   wait "$usite"; cat /tmp/usite.log 2>/dev/null
   at "model and environments ready"
 }
+bench_run() {  # the benchmark with $PLAN, stopped before the budget ends; runs it can't start are recorded as skipped
+  local hard=$(( $(left) - 8 ))
+  [ "$hard" -ge 60 ] || hard=60
+  timeout "$hard" python3 bench/bench.py run --shape "$SHAPE" --work "$WORK" --out "$OUT" --tag "$NAME" --plan "$PLAN" \
+    --warmup-steps 2 --deadline-s $(( $(left) - 80 ))
+}
 headline() {  # print the goals of a result file's headline
   python3 bench/bench.py headline "$OUT/bench-$SHAPE-$NAME.json" --out "$OUT/headline-$NAME.json" && python3 -c \
     "import json; h=json.load(open('$OUT/headline-$NAME.json')); [print(f'  {k}: {v}') for k, v in h['goals'].items()]"

@@ -22,13 +22,12 @@ timeout 200 python3 -m pytest -q -p no:cacheprovider -rA tests/test_attention.py
 at "pytest exit $?"; tail -3 "$OUT/pytest-cuda.txt"
 ready
 
-# The benchmark, most valuable first: the job's new default (varlen attention), the best peer (Unsloth: its fastest and
-# its low-memory mode, one process), stock TRL, the job's low-memory setting, DPO, then the A/B of the attention lever
-# (the old sdpa path), the kept dequantized base (bench/levers.py) and LoRA dropout 0 (a speed figure only).
-PLAN=sft:job:default@10,sft:unsloth:unsloth+unsloth_lowmem@10,sft:trl:trl_best@10,sft:job:lowmem4@8,dpo:job:default
-PLAN=$PLAN,sft:job:sdpa@10,sft:job:dequant@8,sft:job:dropout0@8
-timeout $(( $(left) - 8 )) python3 bench/bench.py run --shape "$SHAPE" --work "$WORK" --out "$OUT" --tag "$NAME" --plan "$PLAN" \
-  --warmup-steps 2 --deadline-s $(( $(left) - 80 ))
+# The benchmark, most valuable first: the job's new default (varlen attention), the best peer (Unsloth, checkpointing
+# off), stock TRL at its best, the job's low-memory setting, DPO, then the same-process A/B of the attention lever (the
+# old sdpa path), the kept dequantized base (bench/levers.py) and LoRA dropout 0 (a speed figure only). PLAN=... overrides.
+: "${PLAN:=sft:job:default@10,sft:unsloth:unsloth@10,sft:trl:trl_best@10,sft:job:lowmem4@8,dpo:job:default,sft:job:sdpa@10,sft:job:dequant@8,sft:job:dropout0@8}"
+bench_run
 at "bench exit $?"
 headline
 at "done"
+sleep 1  # let tee write the last lines

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device call 2 of issue 13 (one nvidia-h200, under 9 minutes): what run1 leaves out. The seed's whole workload
-# through `python -m job` (model load included; ~3 minutes), the DPO peers and the job's low-memory DPO, the seed
-# recipe (short), and the DPO A/B of cuDNN in the masked attention path. Same carry and output rules as run1.sh.
+# through `python -m job` (model load included; ~3 minutes), Unsloth's low-memory mode, the DPO A/B of cuDNN in the
+# masked attention path, stock TRL's DPO, then whatever fits. Same carry and output rules as run1.sh.
 #
 #   run: command  "BENCH_COMMIT=<short sha of the tree> bash bench/device/run2.sh"
 #        carry    [".gpuw"]      timeout_s 600
@@ -12,10 +12,11 @@ set -u -o pipefail
 NAME=run2
 source bench/device/common.sh
 ready
-PLAN=e2e,dpo:job:default,dpo:job:cudnn,dpo:trl:trl_best,dpo:job:lowmem4,sft:seed:seed@6,dpo:seed:seed@4
-PLAN=$PLAN,sft:job:dequant@8,sft:job:dropout0@8,sft:trl:trl_best_gc@8
-timeout $(( $(left) - 8 )) python3 bench/bench.py run --shape "$SHAPE" --work "$WORK" --out "$OUT" --tag "$NAME" --plan "$PLAN" \
-  --warmup-steps 2 --deadline-s $(( $(left) - 70 ))
+# The seed's whole workload first (a goal, ~3 minutes), Unsloth's low-memory mode, then the DPO A/B of cuDNN in the
+# masked path (same process), stock TRL's DPO, and what run1 may not have reached. PLAN=... overrides.
+: "${PLAN:=e2e,sft:unsloth:unsloth_lowmem@10,dpo:job:default,dpo:job:cudnn,dpo:trl:trl_best,sft:job:dequant@8,sft:job:dropout0@8,dpo:job:lowmem4,sft:seed:seed@6,dpo:seed:seed@4}"
+bench_run
 at "bench exit $?"
 headline
 at "done"
+sleep 1  # let tee write the last lines
