@@ -74,7 +74,25 @@ VARIANTS = {
     "gc_bs16": variant(16, 1, "true"),
     "nogc_bs2_unsorted": {**variant(2, 8, "false"), "_unsorted": "1"},
     "gc_bs8_unsorted": {**variant(8, 2, "true"), "_unsorted": "1"},
+    # Low memory at the default micro-batch (4 packed rows of 1,024 tokens): checkpointing, 8-bit paged AdamW.
+    "lowmem4": variant(4, 4, "true", JOB_TRAIN__OPTIM="paged_adamw_8bit"),
+    # Levers, one at a time against `default` (bench/NOTES.md): `sdpa` is the attention before job/attention.py
+    # (packed rows as masked SDPA); `cudnn` lets SDPA use cuDNN again where job/attention.py's masked path avoids it;
+    # `dropout0` is LoRA without dropout (a speed measurement only: the default changes only with learning evidence).
+    "sdpa": {"_attn": "sdpa"},
+    "cudnn": {"_cudnn": "1"},
+    "dropout0": {"JOB_LORA__DROPOUT": "0"},
+    # bench/levers.py: one bf16 copy of the dequantized 4-bit base instead of dequantizing in every call (+24 GiB at 13B)
+    "dequant": {"_dequant": "1"},
+    "nogc": variant(4, 4, "false"),
 }
+
+#: headline.json's rows: key -> (who, run name) in a result file. `job_lowmem` is the fastest low-memory setting.
+HEADLINE_ROWS = {"job": ("job", "default"), "job_lowmem": ("job", "lowmem4"), "seed": ("seed", "seed"),
+                 "trl_best": ("trl", "trl_best"), "unsloth": ("unsloth", "unsloth"), "unsloth_lowmem": ("unsloth", "unsloth_lowmem")}
+#: Rows the bench has no runner for, and why (instead of "not measured").
+NOT_BUILT = {("dpo", "unsloth"): "no Unsloth DPO peer: bench/unsloth_peer.py runs Unsloth's SFT only",
+             ("dpo", "unsloth_lowmem"): "no Unsloth DPO peer: bench/unsloth_peer.py runs Unsloth's SFT only"}
 
 
 def log(msg: str) -> None:
@@ -145,6 +163,8 @@ class StepTimer:
             def on_log(self, args, state, control, logs=None, **kw):
                 if logs and "num_tokens" in logs:
                     self.tokens[state.global_step] = logs["num_tokens"]
+                elif logs is not None and state.num_input_tokens_seen:  # a trainer that does not log TRL's count
+                    self.tokens[state.global_step] = state.num_input_tokens_seen
 
             def steady(self, warmup: int) -> dict:
                 """Tokens/s and steps/s between the end of step `warmup` and the last step."""
@@ -220,7 +240,7 @@ def restore_llama_module():
 
 def trainer_metrics(trainer, result) -> dict:
     hist = trainer.state.log_history
-    tokens = max((h.get("num_tokens") or 0 for h in hist), default=0)
+    tokens = max((h.get("num_tokens") or 0 for h in hist), default=0) or trainer.state.num_input_tokens_seen
     runtime = result.metrics["train_runtime"]
     losses = [h["loss"] for h in hist if "loss" in h]
     return {"steps": trainer.state.global_step, "tokens": tokens, "train_runtime_s": round(runtime, 3),
@@ -292,6 +312,13 @@ def run_job(stage: str, ctx: dict, name: str, overrides: dict, steps: int, adapt
     original_sampler = common.step_sorted_sampler
     if "_unsorted" in switches:  # steps of one example: the sampler's seeded permutation, unsorted
         common.step_sorted_sampler = lambda args, lengths: StepSortedSampler(lengths, 1, args.data_seed)
+    from job import attention
+
+    original_choose, original_cudnn = attention.choose, attention.AVOID_CUDNN
+    if "_attn" in switches:  # load the model with this attention instead of the job's choice
+        attention.choose = lambda device, _impl=env["_attn"]: _impl
+    if "_cudnn" in switches:
+        attention.AVOID_CUDNN = False
 
     def build_trainer(*a, **kw):  # the job's own trainer, plus our timer
         trainer = original(*a, **kw)
@@ -299,6 +326,11 @@ def run_job(stage: str, ctx: dict, name: str, overrides: dict, steps: int, adapt
         r["gradient_checkpointing"] = bool(trainer.args.gradient_checkpointing)  # what `auto` chose
         r["per_device_train_batch_size"] = trainer.args.per_device_train_batch_size
         r["gradient_accumulation_steps"] = trainer.args.gradient_accumulation_steps
+        r["attn_implementation"] = trainer.model.config._attn_implementation
+        if "_dequant" in switches:
+            import levers  # bench/levers.py
+
+            r["dequantized_gib"] = round(levers.dequantize_once(trainer.model) / 2**30, 2)
         return trainer
 
     r: dict = {"name": name, "who": "job", "stage": stage, "max_steps": steps, "overrides": overrides,
@@ -312,6 +344,7 @@ def run_job(stage: str, ctx: dict, name: str, overrides: dict, steps: int, adapt
     finally:
         module.build_trainer = original
         common.step_sorted_sampler = original_sampler
+        attention.choose, attention.AVOID_CUDNN = original_choose, original_cudnn
     m = json.loads((out / "metrics.json").read_text())
     r["metrics"] = m
     r.update({k: m.get(k) for k in ("steps", "tokens", "train_runtime_s", "tokens_per_second", "train_loss")})
@@ -325,6 +358,74 @@ def run_job(stage: str, ctx: dict, name: str, overrides: dict, steps: int, adapt
     r.update(mem)
     r["peak_gpu_memory_gib_job"] = m.get("peak_gpu_memory_gib")
     return add_rates(r, ctx["env"], ctx["n"], gc=r["gradient_checkpointing"], dpo=stage == "dpo")
+
+
+#: Stock-TRL peers (bench/peers.py): name -> gradient checkpointing.
+TRL_PEERS = {"trl_best": False, "trl_best_gc": True}
+
+
+def run_trl(stage: str, ctx: dict, name: str, steps: int) -> dict:
+    """A stock-TRL peer (bench/peers.py), timed like the job."""
+    import peers  # bench/peers.py
+
+    out = ctx["work"] / "trl" / f"{stage}-{name}"
+    shutil.rmtree(out, ignore_errors=True)
+    timer = StepTimer()
+    layout = dict(zip(("max_length", "per_device_train_batch_size", "gradient_accumulation_steps"), peers.JOB_LAYOUT))
+    r: dict = {"name": name, "who": "trl", "stage": stage, "max_steps": steps, "layout": layout}
+    records = ctx["sft_records"] if stage == "sft" else ctx["dpo_records"]
+    make = peers.trl_sft_trainer if stage == "sft" else peers.trl_dpo_trainer
+    with restore_llama_module(), gpu_run() as mem:  # Liger patches transformers' Llama module: put it back afterwards
+        t0 = time.perf_counter()
+        trainer = make(str(ctx["model"]), records, str(out), max_steps=steps, checkpointing=TRL_PEERS[name], callbacks=[timer])
+        r["setup_s"] = round(time.perf_counter() - t0, 2)
+        r["gradient_checkpointing"] = bool(trainer.args.gradient_checkpointing)
+        r["attn_implementation"] = trainer.model.config._attn_implementation
+        result = trainer.train()
+        r.update(trainer_metrics(trainer, result))
+        r.update(timer.steady(ctx["warmup"]))
+        if stage == "dpo":
+            per_step = layout["per_device_train_batch_size"] * layout["gradient_accumulation_steps"]
+            r["pairs"] = min(r["steps"] * per_step, len(records))
+            r["pairs_per_second"] = round(r["pairs"] / result.metrics["train_runtime"], 4)
+            if r.get("seconds_per_step"):
+                r["steady_pairs_per_second"] = round(per_step / r["seconds_per_step"], 4)
+        r["wall_s"] = round(time.perf_counter() - t0, 2)
+        del trainer, result
+    r.update(mem)
+    return add_rates(r, ctx["env"], ctx["n"], gc=r["gradient_checkpointing"], dpo=stage == "dpo")
+
+
+def run_unsloth(ctx: dict, names: list[str], steps: int, timeout: float | None = None) -> list[dict]:
+    """Unsloth's SFT runs (bench/unsloth_peer.py) in a process and an environment of their own: BENCH_UNSLOTH_PYTHONPATH
+    is its PYTHONPATH, replacing ours (Unsloth pins older transformers and TRL than the job's)."""
+    path = os.environ.get("BENCH_UNSLOTH_PYTHONPATH")
+    if not path:
+        return [{"name": n, "who": "unsloth", "stage": "sft", "skipped": "Unsloth's environment not given (BENCH_UNSLOTH_PYTHONPATH)"}
+                for n in names]
+    out = ctx["work"] / "unsloth-peer.json"
+    out.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONPATH": path}
+    cmd = [sys.executable, str(ROOT / "bench" / "unsloth_peer.py"), "--model", str(ctx["model"]), "--data", str(ctx["sft_data"]),
+           "--out", str(out), "--runs", ",".join(names), "--steps", str(steps), "--warmup", str(ctx["warmup"]),
+           "--layout", ctx["unsloth_layout"]]
+    log(" ".join(cmd))
+    t0 = time.perf_counter()
+    note = None
+    try:  # its output goes to ours (the log), its results to `out`, written after each run
+        code = subprocess.run(cmd, env=env, cwd=ROOT, timeout=timeout).returncode
+        if code:
+            note = f"unsloth_peer.py exited {code}"
+    except subprocess.TimeoutExpired:
+        note = f"unsloth_peer.py stopped after {timeout:.0f} s (the bench's deadline)"
+    runs = json.loads(out.read_text()) if out.exists() else []
+    done = {r["name"] for r in runs}
+    runs += [{"name": n, "who": "unsloth", "stage": "sft", "skipped": note or "no result"} for n in names if n not in done]
+    for r in runs:
+        r["process_wall_s"] = round(time.perf_counter() - t0, 2)
+        if not r.get("error") and not r.get("skipped"):
+            add_rates(r, ctx["env"], ctx["n"], gc=r["gradient_checkpointing"], dpo=False)
+    return runs
 
 
 def env_file(path: Path) -> dict:
@@ -430,16 +531,63 @@ def prepare(shape: str, work: Path, env: dict, n_sft: int = 1729, n_dpo: int = 9
 
 
 def summary_line(r: dict) -> str:
+    if r.get("skipped"):
+        return f"{r['who']:7} {r['stage']:4} {r['name']:16} SKIPPED {r['skipped']}"
     if r.get("error"):
-        return f"{r['who']:4} {r['stage']:4} {r['name']:16} ERROR {r['error'][:200]}"
+        return f"{r['who']:7} {r['stage']:4} {r['name']:16} ERROR {r['error'][:200]}"
     rate = f"{r.get('tokens_per_second') or 0:9.1f} tok/s (steady {r.get('steady_tokens_per_second') or 0:9.1f})"
     if r["stage"] == "dpo":
         rate += f" {r.get('pairs_per_second') or 0:6.3f} pairs/s (steady {r.get('steady_pairs_per_second') or 0:6.3f})"
-    return (f"{r['who']:4} {r['stage']:4} {r['name']:16} {rate} peak {r.get('peak_gpu_memory_gib')} GiB "
+    return (f"{r['who']:7} {r['stage']:4} {r['name']:16} {rate} peak {r.get('peak_gpu_memory_gib')} GiB "
             f"MFU {r.get('steady_mfu')} steps {r.get('steps')}")
 
 
+def parse_plan(text: str) -> list[tuple[str, str, list[str], int | None]]:
+    """`STAGE:WHO:NAME[+NAME...][@STEPS]` items, comma-separated, run in this order; `e2e` alone for the end-to-end
+    run. WHO: seed, job (NAME a VARIANTS key), trl (a TRL_PEERS key), unsloth (SFT; its runs share one process)."""
+    plan = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        if item == "e2e":
+            plan.append(("sft+dpo", "e2e", ["e2e"], None))
+            continue
+        spec, _, steps = item.partition("@")
+        stage, who, names = spec.split(":")
+        names = names.split("+")
+        known = {"seed": {"seed", "seed_nogc"}, "job": set(VARIANTS), "trl": set(TRL_PEERS), "unsloth": {"unsloth", "unsloth_lowmem"}}
+        if stage not in ("sft", "dpo") or who not in known or not set(names) <= known[who] or (who == "unsloth" and stage != "sft"):
+            raise SystemExit(f"--plan: can't run {item!r} (STAGE sft|dpo, WHO seed|job|trl|unsloth, NAME one of {sorted(known.get(who, []))})")
+        plan.append((stage, who, names, int(steps) if steps else None))
+    return plan
+
+
+def plan_from_parts(a) -> list[tuple[str, str, list[str], int | None]]:
+    """The plan the --parts/--*-variants options describe: seed recipes first, then the job's variants, then e2e."""
+    parts = a.parts.split(",")
+    plan = []
+    if "sft" in parts and a.seed_steps:
+        plan.append(("sft", "seed", ["seed"], a.seed_steps))
+    if "sft" in parts and a.seed_nogc_steps:
+        plan.append(("sft", "seed", ["seed_nogc"], a.seed_nogc_steps))
+    if "dpo" in parts and a.dpo_seed_steps:
+        plan.append(("dpo", "seed", ["seed"], a.dpo_seed_steps))
+    for stage in ("sft", "dpo"):
+        if stage in parts:  # a variant is NAME or NAME@STEPS (its own number of optimizer steps)
+            for v in filter(None, (a.sft_variants if stage == "sft" else a.dpo_variants).split(",")):
+                v, _, n = v.partition("@")
+                plan.append((stage, "job", [v], int(n) if n else None))
+    if "e2e" in parts:
+        plan.append(("sft+dpo", "e2e", ["e2e"], None))
+    return plan
+
+
+def default_steps(a, stage: str, who: str) -> int:
+    if who == "seed":
+        return a.seed_steps if stage == "sft" else a.dpo_seed_steps
+    return a.job_steps if stage == "sft" else a.dpo_job_steps
+
+
 def cmd_run(a, argv: list[str]) -> int:
+    started = time.perf_counter()  # --deadline-s counts from here: the model build is part of the budget
     import torch
 
     import logging
@@ -462,14 +610,16 @@ def cmd_run(a, argv: list[str]) -> int:
     def save():
         result_path.write_text(json.dumps(res, indent=2, default=str) + "\n")
 
+    save()  # the environment and the data's statistics, even if the first run never ends
+
     def attempt(fn, *args, **kw):
-        name = kw.pop("label")
-        log(f"--- {name}")
+        who, stage, name = kw.pop("ident")
+        log(f"--- {who} {stage} {name}")
         try:
             r = fn(*args, **kw)
         except Exception as exc:  # one failed run must not lose the others
             traceback.print_exc()
-            r = {"name": name, "who": "?", "stage": "?", "error": f"{type(exc).__name__}: {exc}"}
+            r = {"name": name, "who": who, "stage": stage, "error": f"{type(exc).__name__}: {exc}"}
             with contextlib.suppress(Exception):
                 gc.collect()
                 torch.cuda.empty_cache()
@@ -478,25 +628,37 @@ def cmd_run(a, argv: list[str]) -> int:
         log(summary_line(r) if "who" in r and r.get("stage") != "sft+dpo" else json.dumps(r)[:2000])
         return r
 
-    parts = a.parts.split(",")
-    # Seed runs first (see the module docstring), then the job's.
-    if "sft" in parts and a.seed_steps:
-        attempt(run_seed, "sft", ctx, "seed", a.seed_steps, label="seed sft")
-    if "sft" in parts and a.seed_nogc_steps:
-        attempt(run_seed, "sft", ctx, "seed_nogc", a.seed_nogc_steps, {"gradient_checkpointing": False}, label="seed sft without checkpointing")
-    if "dpo" in parts and a.dpo_seed_steps:
-        attempt(run_seed, "dpo", ctx, "seed", a.dpo_seed_steps, label="seed dpo")
-    # A variant is NAME or NAME@STEPS (its own number of optimizer steps).
-    if "sft" in parts:
-        for v in filter(None, a.sft_variants.split(",")):
-            v, _, n = v.partition("@")
-            attempt(run_job, "sft", ctx, v, VARIANTS[v], int(n or a.job_steps), label=f"job sft {v}")
-    if "dpo" in parts:
-        for v in filter(None, a.dpo_variants.split(",")):
-            v, _, n = v.partition("@")
-            attempt(run_job, "dpo", ctx, v, VARIANTS[v], int(n or a.dpo_job_steps), label=f"job dpo {v}")
-    if "e2e" in parts:
-        attempt(run_e2e, ctx, label="e2e")
+    plan = parse_plan(a.plan) if a.plan else plan_from_parts(a)
+    res["plan"] = [f"{st}:{who}:{'+'.join(names)}@{n}" for st, who, names, n in plan]
+    ctx["unsloth_layout"] = a.unsloth_layout
+
+    def left() -> float | None:
+        return None if a.deadline_s is None else a.deadline_s - (time.perf_counter() - started)
+
+    for stage, who, names, steps in plan:
+        steps = steps if steps is not None else default_steps(a, stage, who)
+        if left() is not None and left() <= 0:  # out of time: say so for each run left, so the file is complete
+            for name in names:
+                res["runs"].append({"name": name, "who": "job" if who == "e2e" else who, "stage": stage,
+                                    "skipped": f"the bench's deadline ({a.deadline_s} s) passed"})
+            save()
+            continue
+        if who == "unsloth":
+            log(f"--- unsloth {'+'.join(names)}")
+            # Its process may run a minute past the deadline (a run started before it is allowed to finish).
+            res["runs"] += run_unsloth(ctx, names, steps, timeout=None if left() is None else left() + 60)
+            save()
+            for r in res["runs"][-len(names):]:
+                log(summary_line(r))
+        elif who == "e2e":
+            attempt(run_e2e, ctx, ident=("job", "sft+dpo", "e2e"))
+        elif who == "seed":
+            overrides = {"gradient_checkpointing": False} if names[0] == "seed_nogc" else None
+            attempt(run_seed, stage, ctx, names[0], steps, overrides, ident=(who, stage, names[0]))
+        elif who == "trl":
+            attempt(run_trl, stage, ctx, names[0], steps, ident=(who, stage, names[0]))
+        else:
+            attempt(run_job, stage, ctx, names[0], VARIANTS[names[0]], steps, ident=(who, stage, names[0]))
     res["ratios"] = ratios(res["runs"])
     save()
     log("summary")
@@ -536,13 +698,14 @@ def cmd_report(a) -> int:
         print("- versions: " + ", ".join(f"{k} {env.get(k)}" for k in PACKAGES) + f", python {env.get('python')}")
         print(f"- command: `{env.get('command')}`")
         print(f"- N (matmul parameters per token) = {res['matmul_params']:,}; data: SFT example tokens {res['data']['sft_example_tokens']}; DPO pair tokens {res['data']['dpo_pair_tokens']}\n")
-        rows = [r for r in res["runs"] if r.get("stage") in ("sft", "dpo") or r.get("error")]
+        rows = [r for r in res["runs"] if r.get("stage") in ("sft", "dpo") or r.get("error") or r.get("skipped")]
         if rows:
             print("| run | stage | tokens/s | steady tokens/s | pairs/s | steady pairs/s | peak GiB | steady MFU | GC | steps |")
             print("|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
             for r in rows:
-                if r.get("error"):
-                    print(f"| {r['name']} | | error: {r['error'][:120]} | | | | | | | |")
+                if r.get("error") or r.get("skipped"):
+                    why = f"error: {r['error'][:120]}" if r.get("error") else f"skipped: {r['skipped'][:120]}"
+                    print(f"| {r.get('who')} {r['name']} | {r.get('stage')} | {why} | | | | | | | |")
                     continue
                 f2 = lambda x, d=1: "" if x is None else f"{x:,.{d}f}"  # noqa: E731
                 label = "seed recipe" if r["who"] == "seed" and r["name"] == "seed" else f"{r['who']} {r['name']}"
@@ -569,6 +732,104 @@ def cmd_report(a) -> int:
     return 0
 
 
+#: The goals of issue 13 (on the H200, seed-like data): (headline path, comparison, target).
+GOALS = [
+    ("sft steady tokens/s", ("sft", "job", "steady_tokens_per_s"), ">=", 8000),
+    ("sft whole-run tokens/s", ("sft", "job", "tokens_per_s"), ">=", 6000),
+    ("sft steady MFU", ("sft", "job", "mfu_steady"), ">=", 0.43),
+    ("sft steady vs unsloth", ("sft", "job/unsloth", "steady_tokens_per_s"), ">=", 1.2),
+    ("sft steady vs trl_best", ("sft", "job/trl_best", "steady_tokens_per_s"), ">=", 1.5),
+    ("low-memory peak GiB", ("sft", "job_lowmem", "peak_gib"), "<=", 12),
+    ("low-memory steady tokens/s", ("sft", "job_lowmem", "steady_tokens_per_s"), ">=", 5000),
+    ("dpo steady pairs/s", ("dpo", "job", "steady_pairs_per_s"), ">=", 6),
+    ("seed workload end to end, s", ("e2e",), "<=", 150),
+]
+
+
+def headline_row(r: dict | None, source: str) -> dict:
+    """One peer's figures in headline.json's shape, or {"skipped": why}."""
+    if r is None:
+        return {"skipped": f"not measured in {source}"}
+    if r.get("skipped") or r.get("error"):
+        return {"skipped": r.get("skipped") or f"failed: {r['error'][:300]}", "source": source}
+    row = {"tokens_per_s": r.get("tokens_per_second"), "steady_tokens_per_s": r.get("steady_tokens_per_second")}
+    if r["stage"] == "dpo":
+        row.update(pairs_per_s=r.get("pairs_per_second"), steady_pairs_per_s=r.get("steady_pairs_per_second"))
+    row.update(peak_gib=r.get("peak_gpu_memory_gib"), mfu_steady=r.get("steady_mfu"),
+               gradient_checkpointing=r.get("gradient_checkpointing"), steps=r.get("steps"), source=source)
+    for k in ("attn_implementation", "layout", "overrides"):
+        if r.get(k):
+            row[k] = r[k]
+    return row
+
+
+def headline(files: list[Path]) -> dict:
+    """headline.json from one or more result files of one shape. For a run in several files the last measured one
+    counts: a later skipped or failed attempt does not hide an earlier measurement."""
+    results = [(f, json.loads(f.read_text())) for f in files]
+    shapes = {res["shape"] for _, res in results}
+    if len(shapes) != 1:
+        raise SystemExit(f"headline: one shape at a time, got {sorted(shapes)}")
+    shape = shapes.pop()
+    env = results[0][1]["environment"]
+    out: dict = {"device": env.get("device"), "date": env.get("date"), "commit": env.get("git_commit"),
+                 "versions": {k: env.get(k) for k in (*PACKAGES, "python", "cuda")},
+                 "sources": [{"file": f.name, "command": res["environment"].get("command"), "date": res["environment"].get("date"),
+                              "commit": res["environment"].get("git_commit")} for f, res in results]}
+    runs: dict = {}
+    for f, res in results:
+        for r in res["runs"]:
+            key = (r.get("who"), r.get("stage"), r.get("name"))
+            measured = not (r.get("skipped") or r.get("error"))
+            if measured or key not in runs or runs[key][0].get("skipped") or runs[key][0].get("error"):
+                runs[key] = (r, f.name)
+    for stage in ("sft", "dpo"):
+        block = {}
+        for key, (who, name) in HEADLINE_ROWS.items():
+            r, src = runs.get((who, stage, name), (None, ", ".join(f.name for f, _ in results)))
+            block[key] = {"skipped": NOT_BUILT[(stage, key)]} if r is None and (stage, key) in NOT_BUILT else headline_row(r, src)
+        out[f"{stage}_{shape}"] = block
+    e2e, _ = runs.get(("job", "sft+dpo", "e2e"), (None, None))
+    out["e2e_seconds"] = e2e["wall_s"] if e2e and e2e.get("ok") else None
+    if e2e and (e2e.get("skipped") or e2e.get("error")):
+        out["e2e"] = {"skipped": e2e.get("skipped") or f"failed: {e2e['error'][:300]}"}
+    elif e2e is None:
+        out["e2e"] = {"skipped": "not measured in " + ", ".join(f.name for f, _ in results)}
+    if e2e and e2e.get("stages"):
+        out["e2e"] = {s["stage"]: {"wall_s": s["wall_s"], "train_runtime_s": s.get("metrics", {}).get("train_runtime_s"),
+                                   "exit_code": s["exit_code"]} for s in e2e["stages"]}
+    out["goals"] = goals(out, shape)
+    return out
+
+
+def goals(h: dict, shape: str) -> dict:
+    out = {}
+    for label, path, op, target in GOALS:
+        if path == ("e2e",):
+            value = h.get("e2e_seconds")
+        else:
+            stage, who, key = path
+            block = h.get(f"{stage}_{shape}", {})
+            mine, _, peer = who.partition("/")
+            value = block.get(mine, {}).get(key)
+            if peer:
+                other = block.get(peer, {}).get(key)
+                value = round(value / other, 3) if value and other else None
+        met = None if value is None else (value >= target if op == ">=" else value <= target)
+        out[label] = {"target": f"{op} {target}", "measured": value, "met": met}
+    return out
+
+
+def cmd_headline(a) -> int:
+    h = headline([Path(f) for f in a.files])
+    text = json.dumps(h, indent=2) + "\n"
+    if a.out:
+        Path(a.out).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -589,10 +850,17 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--warmup-steps", type=int, default=2)
     r.add_argument("--sft-variants", default="default,lowmem@5")
     r.add_argument("--dpo-variants", default="default")
+    r.add_argument("--plan", help="the runs, in this order, instead of --parts and the --*-variants: e.g. "
+                   "sft:job:default@8,sft:unsloth:unsloth_lowmem+unsloth@10,sft:trl:trl_best,dpo:job:default,e2e")
+    r.add_argument("--deadline-s", type=float, help="start no run after this many seconds (the rest are recorded as skipped)")
+    r.add_argument("--unsloth-layout", default="8192,1,1", help="Unsloth's max_length,per_device_batch,accumulation")
     rp = sub.add_parser("report")
     rp.add_argument("files", nargs="+")
+    hp = sub.add_parser("headline", help="bench/results/headline.json from result files of one shape")
+    hp.add_argument("files", nargs="+")
+    hp.add_argument("--out")
     a = p.parse_args(argv)
-    return cmd_run(a, argv) if a.cmd == "run" else cmd_report(a)
+    return {"run": lambda: cmd_run(a, argv), "report": lambda: cmd_report(a), "headline": lambda: cmd_headline(a)}[a.cmd]()
 
 
 if __name__ == "__main__":

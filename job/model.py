@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from job import attention
 from job.errors import ConfigError, ModelError
 from job.settings import JobSettings, LoraSettings, QuantSettings
 
@@ -110,7 +111,8 @@ def load_base_model(model_dir: Path, settings: JobSettings):
             dtype=getattr(torch, settings.quant.compute_dtype),
             use_safetensors=True,
             trust_remote_code=settings.trust_remote_code,
-            attn_implementation="sdpa",
+            # Packed rows through variable-length attention where the GPU has it (job/attention.py says why), else sdpa.
+            attn_implementation=attention.choose(device),
             device_map={"": device},
         )
     except ValueError as exc:

@@ -1,26 +1,32 @@
 """bench/bench.py, run as a user runs it (tiny shape, a few steps, on the CPU): what a bench user relies on is a
-zero exit, one JSON file with the environment (commit, command, versions), a run per seed recipe and job variant
-with its rates, the job/seed ratios, and `report` turning that file into bench/results/RESULTS.md's markdown."""
+zero exit, one JSON file with the environment (commit, command, versions), a run per seed recipe, job variant and peer
+(stock TRL; Unsloth in a process and environment of its own, here a stand-in since Unsloth needs a GPU) with its
+rates, `report` turning that file into bench/results/RESULTS.md's markdown, and `headline` into headline.json, where a
+run that did not happen says why instead of showing a number."""
 
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 from conftest import ROOT, job_env
 
-ARGS = ["--shape", "tiny", "--parts", "sft,dpo", "--seed-steps", "1", "--job-steps", "2", "--dpo-seed-steps", "1",
-        "--dpo-job-steps", "2", "--sft-variants", "default,unsorted@2", "--dpo-variants", "default,unsorted",
-        "--sft-examples", "8", "--dpo-pairs", "8", "--tag", "t"]
+sys.path.insert(0, str(ROOT / "bench"))
+import bench as bench_module  # noqa: E402
+
+PLAN = ("sft:seed:seed@1,sft:job:default@2,sft:job:sdpa@2,sft:trl:trl_best@2,sft:unsloth:unsloth_lowmem+unsloth@2,"
+        "dpo:seed:seed@1,dpo:job:default@2")
+ARGS = ["--shape", "tiny", "--sft-examples", "8", "--dpo-pairs", "4", "--warmup-steps", "1", "--tag", "t"]
 
 
 def bench(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "bench/bench.py", *args], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    return subprocess.run([sys.executable, "bench/bench.py", *args], env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
 
 
-def test_bench_runs_seed_and_job_variants_and_reports_them(tmp_path):
+def test_bench_runs_seed_job_and_peers_and_reports_them(tmp_path):
     # BENCH_COMMIT: the commit of a copied tree whose .git is missing or stale (a GPU machine's), named by the caller.
-    env = job_env(BENCH_COMMIT="abc1234")
-    r = bench(env, "run", *ARGS, "--work", str(tmp_path), "--out", str(tmp_path / "out"))
+    env = job_env(BENCH_COMMIT="abc1234", BENCH_UNSLOTH_PYTHONPATH=str(ROOT / "tests" / "fake_unsloth"))
+    r = bench(env, "run", *ARGS, "--plan", PLAN, "--work", str(tmp_path), "--out", str(tmp_path / "out"))
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     path = tmp_path / "out" / "bench-tiny-t.json"
     res = json.loads(path.read_text())
@@ -30,20 +36,130 @@ def test_bench_runs_seed_and_job_variants_and_reports_them(tmp_path):
     assert all(e[p] for p in ("torch", "transformers", "trl"))
 
     runs = res["runs"]
-    assert not [x for x in runs if "error" in x], [x["error"] for x in runs if "error" in x]
-    assert sorted((x["who"], x["stage"], x["name"]) for x in runs) == [
-        ("job", "dpo", "default"), ("job", "dpo", "unsorted"), ("job", "sft", "default"), ("job", "sft", "unsorted"),
-        ("seed", "dpo", "seed"), ("seed", "sft", "seed")]
+    assert not [x for x in runs if x.get("error") or x.get("skipped")], [x.get("error") or x.get("skipped") for x in runs]
+    assert [(x["who"], x["stage"], x["name"]) for x in runs] == [  # in the plan's order
+        ("seed", "sft", "seed"), ("job", "sft", "default"), ("job", "sft", "sdpa"), ("trl", "sft", "trl_best"),
+        ("unsloth", "sft", "unsloth_lowmem"), ("unsloth", "sft", "unsloth"), ("seed", "dpo", "seed"), ("job", "dpo", "default")]
+    by = {(x["who"], x["stage"], x["name"]): x for x in runs}
     for x in runs:
         assert x["tokens_per_second"] > 0, x
         assert x["stage"] == "sft" or x["pairs_per_second"] > 0, x
         assert x["who"] == "seed" or x["steps"] == 2, x
-    assert {"sft:default/seed:tokens_per_second", "sft:unsorted/seed:tokens_per_second",
-            "dpo:default/seed:pairs_per_second", "dpo:unsorted/seed:pairs_per_second"} <= set(res["ratios"])
+        assert x["who"] == "seed" or x["steady_tokens_per_second"] > 0, x  # steps after --warmup-steps
+    # The lever's switch and the peers' settings are what they say
+    assert by[("job", "sft", "default")]["attn_implementation"] == "packed_varlen"
+    assert by[("job", "sft", "sdpa")]["attn_implementation"] == "sdpa"
+    assert by[("trl", "sft", "trl_best")]["gradient_checkpointing"] is False
+    assert by[("unsloth", "sft", "unsloth_lowmem")]["gradient_checkpointing"] is True
+    assert by[("unsloth", "sft", "unsloth")]["gradient_checkpointing"] is False
+    # Same data: every SFT run of two full passes over the 8 examples trained on the same tokens as the job
+    assert {x["tokens"] for x in runs if x["stage"] == "sft" and x["who"] != "seed"} == {by[("job", "sft", "default")]["tokens"]}
+    assert {"sft:default/seed:tokens_per_second", "dpo:default/seed:pairs_per_second"} <= set(res["ratios"])
 
     rep = bench(env, "report", str(path))
     assert rep.returncode == 0, rep.stderr[-3000:]
     md = rep.stdout
-    for s in ("seed recipe", "job default", "job unsorted", "commit abc1234"):
+    for s in ("seed recipe", "job default", "job sdpa", "trl trl_best", "unsloth unsloth_lowmem", "commit abc1234"):
         assert s in md, md
     assert any(line.startswith("| run | stage |") for line in md.splitlines()), md
+
+    head = bench(env, "headline", str(path), "--out", str(tmp_path / "headline.json"))
+    assert head.returncode == 0, head.stderr[-3000:]
+    h = json.loads((tmp_path / "headline.json").read_text())
+    assert h["commit"] == "abc1234" and h["versions"]["trl"] and h["date"]
+    sft, dpo = h["sft_tiny"], h["dpo_tiny"]
+    assert set(sft) == set(dpo) == {"job", "job_lowmem", "seed", "trl_best", "unsloth", "unsloth_lowmem"}
+    assert sft["job"]["tokens_per_s"] == by[("job", "sft", "default")]["tokens_per_second"]
+    assert sft["unsloth"]["steady_tokens_per_s"] == by[("unsloth", "sft", "unsloth")]["steady_tokens_per_second"]
+    assert dpo["job"]["pairs_per_s"] == by[("job", "dpo", "default")]["pairs_per_second"] and "pairs_per_s" not in sft["job"]
+    assert "not measured" in sft["job_lowmem"]["skipped"] and "not measured" in dpo["trl_best"]["skipped"]
+    assert h["e2e_seconds"] is None and h["goals"]["seed workload end to end, s"]["met"] is None
+    assert h["goals"]["sft steady vs trl_best"]["measured"] == round(
+        sft["job"]["steady_tokens_per_s"] / sft["trl_best"]["steady_tokens_per_s"], 3)
+
+
+def test_runs_past_the_deadline_are_recorded_as_skipped(tmp_path):
+    """A device call has a hard time limit: what the bench could not start still appears, with the reason."""
+    env = job_env(BENCH_COMMIT="abc1234")  # and no Unsloth environment
+    r = bench(env, "run", *ARGS, "--plan", "sft:job:default@2,sft:unsloth:unsloth", "--deadline-s", "0",
+              "--work", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    res = json.loads((tmp_path / "out" / "bench-tiny-t.json").read_text())
+    assert [(x["who"], x["name"]) for x in res["runs"]] == [("job", "default"), ("unsloth", "unsloth")]
+    assert all("deadline" in x["skipped"] for x in res["runs"])
+    h = bench_module.headline([tmp_path / "out" / "bench-tiny-t.json"])
+    assert "deadline" in h["sft_tiny"]["job"]["skipped"] and h["goals"]["sft steady tokens/s"]["met"] is None
+
+
+def test_unsloth_without_its_environment_is_skipped_not_run_in_ours(tmp_path, monkeypatch):
+    monkeypatch.delenv("BENCH_UNSLOTH_PYTHONPATH", raising=False)
+    runs = bench_module.run_unsloth({"work": tmp_path}, ["unsloth"], 2)
+    assert runs == [{"name": "unsloth", "who": "unsloth", "stage": "sft",
+                     "skipped": "Unsloth's environment not given (BENCH_UNSLOTH_PYTHONPATH)"}]
+
+
+def test_the_parts_options_still_describe_the_same_runs():
+    a = SimpleNamespace(parts="sft,dpo,e2e", seed_steps=12, seed_nogc_steps=0, dpo_seed_steps=8, sft_variants="default,lowmem@5",
+                        dpo_variants="default", job_steps=10, dpo_job_steps=-1)
+    assert bench_module.plan_from_parts(a) == [
+        ("sft", "seed", ["seed"], 12), ("dpo", "seed", ["seed"], 8), ("sft", "job", ["default"], None),
+        ("sft", "job", ["lowmem"], 5), ("dpo", "job", ["default"], None), ("sft+dpo", "e2e", ["e2e"], None)]
+    assert bench_module.parse_plan("sft:job:default@8,sft:unsloth:unsloth_lowmem+unsloth,e2e") == [
+        ("sft", "job", ["default"], 8), ("sft", "unsloth", ["unsloth_lowmem", "unsloth"], None), ("sft+dpo", "e2e", ["e2e"], None)]
+
+
+def test_dequantize_once_computes_what_bitsandbytes_computes(tiny_model, monkeypatch):
+    """bench/levers.py's kept bf16 copy of the 4-bit base gives the same logits and LoRA gradients as bitsandbytes'
+    per-call dequantization (on the CPU here; the bench's `dequant` variant measures the speed on the GPU)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    import levers
+
+    def model():
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+        m = AutoModelForCausalLM.from_pretrained(tiny_model, quantization_config=q, dtype=torch.bfloat16)
+        torch.manual_seed(0)
+        m = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+        return m
+
+    ids = torch.randint(5, 500, (2, 48), generator=torch.Generator().manual_seed(1))
+
+    def run(m):
+        out = m(input_ids=ids, labels=ids)
+        out.loss.backward()
+        return out.logits.detach().float(), {n: p.grad.float() for n, p in m.named_parameters() if p.requires_grad}
+
+    base, fast = model(), model()
+    added = levers.dequantize_once(fast)
+    assert added == sum(m.weight.quant_state.shape.numel() * 2 for m in fast.modules() if hasattr(m, "_dequantized"))
+    assert added > 0
+    la, ga = run(base)
+    import bitsandbytes as bnb
+
+    def no_dequantize(*a, **kw):
+        raise AssertionError("bitsandbytes' 4-bit matmul was called: the kept copy is not in use")
+
+    monkeypatch.setattr(bnb, "matmul_4bit", no_dequantize)  # what Linear4bit.forward calls
+    lb, gb = run(fast)
+    torch.testing.assert_close(lb, la, atol=0, rtol=0)
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], atol=0, rtol=0)
+
+
+def test_headline_keeps_a_measurement_over_a_later_skip(tmp_path):
+    def result(name, runs):
+        path = tmp_path / name
+        path.write_text(json.dumps({"shape": "13b", "environment": {"device": "NVIDIA H200", "git_commit": "abc1234"}, "runs": runs}))
+        return path
+
+    measured = {"who": "job", "stage": "dpo", "name": "default", "tokens_per_second": 10.0, "pairs_per_second": 4.0,
+                "steady_pairs_per_second": 4.5, "peak_gpu_memory_gib": 60.0}
+    first = result("bench-13b-run1.json", [measured])
+    second = result("bench-13b-run2.json", [{"who": "job", "stage": "dpo", "name": "default", "skipped": "the bench's deadline"}])
+    h = bench_module.headline([first, second])
+    assert h["dpo_13b"]["job"]["steady_pairs_per_s"] == 4.5 and h["dpo_13b"]["job"]["source"] == "bench-13b-run1.json"
+    assert h["goals"]["dpo steady pairs/s"] == {"target": ">= 6", "measured": 4.5, "met": False}
+    assert "no Unsloth DPO peer" in h["dpo_13b"]["unsloth"]["skipped"]

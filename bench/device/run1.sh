@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Device call 1 of issue 13 (one nvidia-h200, under 9 minutes of command time): correctness on CUDA first, then the
+# 13B SFT measurements that matter most, most valuable first. Every result is written as soon as it exists, so a
+# timeout keeps what finished; runs the bench can't start before its deadline are recorded as skipped.
+#
+#   run: command  "BENCH_COMMIT=<short sha of the tree> bash bench/device/run1.sh"
+#        carry    [".gpuw"]   (bench/device/wheels.sh builds it, ~42 MB)      timeout_s 600
+#
+# $OUT gets: run1.log (everything, Unsloth's process included), attn.json (bench/attn_check.py), pytest-cuda.txt
+# (tests/test_attention.py + tests/test_packing.py on the GPU), bench-13b-run1.json (every run), headline-run1.json.
+# Dry run of the plumbing on a CPU machine (minutes; the bench itself gets cut by the budget):
+#   LOCAL=1 SHAPE=tiny OUT=/tmp/run1 BUDGET=420 BENCH_UNSLOTH_PYTHONPATH=$PWD/tests/fake_unsloth bash bench/device/run1.sh
+set -u -o pipefail
+NAME=run1
+source bench/device/common.sh
+
+# Correctness on CUDA before any timing: the kernel at the 13B attention shape (vs dense-mask SDPA, fp32 reference),
+# then packed vs unpacked per-example losses through the job's own model loading and TRL's collator (tiny model).
+timeout 120 python3 bench/attn_check.py --device "$DEVICE" --out "$OUT/attn.json"
+at "attn_check exit $?"
+timeout 200 python3 -m pytest -q -p no:cacheprovider -rA tests/test_attention.py tests/test_packing.py > "$OUT/pytest-cuda.txt" 2>&1
+at "pytest exit $?"; tail -3 "$OUT/pytest-cuda.txt"
+ready
+
+# The benchmark, most valuable first: the job's new default (varlen attention), the best peer (Unsloth, checkpointing
+# off), stock TRL at its best, the job's low-memory setting, DPO, then the same-process A/B of the attention lever (the
+# old sdpa path), the kept dequantized base (bench/levers.py) and LoRA dropout 0 (a speed figure only). PLAN=... overrides.
+: "${PLAN:=sft:job:default@10,sft:unsloth:unsloth@10,sft:trl:trl_best@10,sft:job:lowmem4@8,dpo:job:default,sft:job:sdpa@10,sft:job:dequant@8,sft:job:dropout0@8}"
+bench_run
+at "bench exit $?"
+headline
+at "done"
+sleep 1  # let tee write the last lines
