@@ -109,3 +109,11 @@ def json_lines(stderr: str) -> list[dict]:
         except ValueError:
             pass
     return out
+
+
+def tokenized(tok, stage: str, records: list[dict], max_length: int = 1024) -> list[dict]:
+    """Records as the pipeline hands them to a stage's build_trainer: job/sequences.py's fitted rows."""
+    from job import sequences
+
+    return sequences.fit(records, stage, tok, max_length=max_length, policy="cut_prompt", stops={tok.eos_token_id},
+                         role="train").rows

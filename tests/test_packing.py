@@ -22,7 +22,7 @@ from job.model import load_base_model, load_tokenizer
 from job.settings import ColumnSettings, load_settings
 from job.stages import sft
 
-from conftest import DEMO_DATA
+from conftest import tokenized, DEMO_DATA
 
 CUDA = torch.cuda.is_available()
 #: Per precision: the largest per-token difference in log-probability, and the largest mean absolute difference over
@@ -40,8 +40,6 @@ def _records():
 
 @pytest.fixture(scope="module", params=["fp32", "nf4-bf16"])
 def packed(request, tiny_model, tmp_path_factory):
-    from datasets import Dataset
-
     precision = request.param
     tmp = tmp_path_factory.mktemp("packing")
     env = {"JOB_STAGE": "sft", "JOB_BASE_MODEL": str(tiny_model), "JOB_DATA": str(tmp), "JOB_OUTPUT": str(tmp / "out"),
@@ -58,7 +56,7 @@ def packed(request, tiny_model, tmp_path_factory):
     assert not CUDA or attention.kernel_available("cuda")
     # Without a KV cache: with one, transformers' sdpa does not look for packed sequences and attention crosses examples.
     assert model.config.use_cache is False
-    trainer = sft.build_trainer(s, model, tok, Dataset.from_list(_records()), None, tmp / "ck", [], progress_bar=False)
+    trainer = sft.build_trainer(s, model, tok, tokenized(tok, "sft", _records(), 160), None, tmp / "ck", [], progress_bar=False)
     batch = next(iter(trainer.get_train_dataloader()))  # exactly what the trainer feeds the model
     m = trainer.model
     device = next(m.parameters()).device

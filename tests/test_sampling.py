@@ -11,6 +11,8 @@ from job.stages import dpo, sft
 from job.stages.common import StepSortedSampler
 from tests.test_stages import settings
 
+from conftest import tokenized
+
 
 def test_each_step_holds_a_random_draw_sorted_longest_first():
     lengths = [random.Random(i).randint(5, 500) for i in range(103)]
@@ -45,12 +47,10 @@ def padding(batches) -> int:
 
 
 def test_dpo_micro_batches_pad_less_and_give_the_same_step_loss(tiny_model, tmp_path):
-    from datasets import Dataset
-
     s = settings(tiny_model, tmp_path, "dpo", JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE="2", JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS="4",
                  JOB_LORA__DROPOUT="0")
     tok, _ = load_tokenizer(tiny_model, None, "auto")
-    trainer = dpo.build_trainer(s, load_base_model(tiny_model, s), tok, Dataset.from_list(pairs(32)), None, tmp_path / "ck", [],
+    trainer = dpo.build_trainer(s, load_base_model(tiny_model, s), tok, tokenized(tok, "dpo", pairs(32)), None, tmp_path / "ck", [],
                                 progress_bar=False)
     loader = trainer.get_train_dataloader()
     samplers = [loader.batch_sampler, getattr(loader.batch_sampler, "batch_sampler", None)]
@@ -77,13 +77,11 @@ def test_dpo_micro_batches_pad_less_and_give_the_same_step_loss(tiny_model, tmp_
 
 
 def test_unpacked_sft_uses_sorted_steps_and_packed_sft_does_not(tiny_model, tmp_path):
-    from datasets import Dataset
-
     tok, _ = load_tokenizer(tiny_model, None, "auto")
     records = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs(12)]
     for packing, expected in (("false", StepSortedSampler), ("true", None)):
         s = settings(tiny_model, tmp_path, "sft", JOB_TRAIN__PACKING=packing)
-        trainer = sft.build_trainer(s, load_base_model(tiny_model, s), tok, Dataset.from_list(records), None, tmp_path / "ck", [],
+        trainer = sft.build_trainer(s, load_base_model(tiny_model, s), tok, tokenized(tok, "sft", records), None, tmp_path / "ck", [],
                                     progress_bar=False)
         sampler = trainer._get_train_sampler()
         assert isinstance(sampler, StepSortedSampler) == (expected is not None)
@@ -91,7 +89,7 @@ def test_unpacked_sft_uses_sorted_steps_and_packed_sft_does_not(tiny_model, tmp_
     # Unpacked: the loss is normalised by the step's answer tokens (num_items_in_batch), so grouping does not matter.
     s = settings(tiny_model, tmp_path, "sft", JOB_TRAIN__PACKING="false", JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE="2",
                  JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS="4", JOB_LORA__DROPOUT="0")
-    trainer = sft.build_trainer(s, load_base_model(tiny_model, s), tok, Dataset.from_list(records), None, tmp_path / "ck", [],
+    trainer = sft.build_trainer(s, load_base_model(tiny_model, s), tok, tokenized(tok, "sft", records), None, tmp_path / "ck", [],
                                 progress_bar=False)
     ds, collate = trainer.train_dataset, trainer.data_collator
     step = list(trainer._get_train_sampler())[:8]

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from job import sequences
 from job.model import INSTRUCTION_TEMPLATE, load_adapter, load_base_model, load_tokenizer
 from job.settings import load_settings
 from job.stages import dpo, sft
+
+from conftest import tokenized
 
 
 def settings(tiny_model, tmp_path, stage, **extra):
@@ -19,8 +20,7 @@ PAIR = {"prompt": RECORD["prompt"], "chosen": RECORD["completion"], "rejected": 
 
 
 def rows(tok, stage, records):
-    """The job's tokenized rows (job/sequences.py), as the pipeline hands them to the trainer."""
-    return sequences.fit(records, stage, tok, max_length=128, policy="cut_prompt", stops={tok.eos_token_id}, role="train").rows
+    return tokenized(tok, stage, records, 128)
 
 
 @pytest.mark.parametrize("packing", ["false", "true"])
