@@ -13,7 +13,7 @@
 set -euo pipefail
 top=$(git rev-parse --show-toplevel)
 cd "$top"
-git check-ignore -q .gpuw || { echo ".gpuw must be ignored by git (.gitignore has /.gpuw/)"; exit 1; }
+git check-ignore -q .gpuw/ || { echo ".gpuw must be ignored by git (.gitignore has /.gpuw/)"; exit 1; }
 rm -rf .gpuw && mkdir -p .gpuw/common .gpuw/job .gpuw/unsloth
 get() {  # get DIR PACKAGE...
   local dir=$1; shift
