@@ -79,18 +79,21 @@ def test_sft_then_dpo_on_s3_and_the_adapter_changes_the_model(bucket, tiny_model
     assert len((out / "metrics.jsonl").read_text().splitlines()) >= 6
 
     r = run_job(env_for(s3, tmp_path, JOB_STAGE="dpo", JOB_DATA=f"s3://{s3.bucket}/data/preferences.csv", JOB_RUN_ID="dpo-1",
-                        JOB_ADAPTER=f"s3://{s3.bucket}/runs/sft-1/adapter/", JOB_TRAIN__MAX_STEPS="4"))
+                        JOB_ADAPTER=f"s3://{s3.bucket}/runs/sft-1/adapter/", JOB_TRAIN__MAX_STEPS="4", JOB_EVAL_FRACTION="0.25"))
     assert r.returncode == 0, r.stderr[-3000:]
     out = download(s3, "runs/dpo-1/", tmp_path / "dpo")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["reward_accuracy"] is not None and metrics["reward_margin"] is not None
     # Run averages, not the last logging window: they agree with the trainer's own mean loss and with the per-step rows.
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert metrics["train_loss"] == pytest.approx(next(r["train_loss"] for r in rows if "train_loss" in r), rel=1e-3)
+    assert metrics["train_loss"] == pytest.approx(next(r["train_loss"] for r in rows if "train_loss" in r), rel=1e-6)
     steps = [r for r in rows if "rewards/accuracies" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]  # JOB_TRAIN__LOGGING_STEPS=1 here
     assert metrics["reward_accuracy"] == pytest.approx(sum(r["rewards/accuracies"] for r in steps) / 4)
     assert metrics["reward_accuracy_last"] == steps[-1]["rewards/accuracies"]
+    # Held-out pairs: reward accuracy, margin and log-probs of the trained adapter on pairs it never saw.
+    assert 0 <= metrics["eval_reward_accuracy"] <= 1 and metrics["eval_reward_margin"] is not None
+    assert metrics["eval_logps_chosen"] < 0 and metrics["eval_logps_rejected"] < 0
     assert json.loads((out / "run.json").read_text())["prompt_format"] == "instruction"  # carried over from SFT
     assert_no_secret(s3, "runs/", r.stdout, r.stderr)
 
