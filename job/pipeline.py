@@ -73,6 +73,10 @@ def check(s: JobSettings) -> dict:
     """--check: validate config and data, report dataset stats; downloads the data and the tokenizer only."""
     from job.model import load_tokenizer
 
+    if s.stage == "merge":  # no data, no training: its own module
+        from job.stages import merge
+
+        return merge.check(s)
     workdir = Path(s.workdir) / "check"
     inputs = read_data(s, workdir)
     base_dir, adapter_dir, _ = pull_model(s, workdir, tokenizer_only=True)
@@ -98,6 +102,10 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
     from job.model import load_adapter, load_base_model, load_tokenizer
     from job.stages import dpo, sft
 
+    if s.stage == "merge":  # no data, no training: its own module
+        from job.stages import merge
+
+        return merge.run(s, stop=stop)
     stop = stop or StopSignal()
     started = datetime.now(timezone.utc)
     t0 = time.monotonic()
@@ -109,6 +117,8 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
     if storage.exists(remote.join("_SUCCESS"), token):
         log.info("run %s already succeeded at %s; nothing to do", run_id, remote)
         return str(remote)
+    # Before any download: a Hub output is created (private by default) and the token's write access checked.
+    storage.prepare_output(storage.parse_uri(s.output), token, private=s.hub_private)
 
     workdir = Path(s.workdir) / run_id
     out = workdir / "out"
@@ -162,7 +172,7 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
     if not trainer.is_world_process_zero():
         return str(remote)
     outputs.write_adapter(out / "adapter", trainer.model, tokenizer, prompt_format,
-                          base=s.base_model, data=s.data, run_id=run_id, stage=s.stage)
+                          base=s.base_model, data=s.data, run_id=run_id, stage=s.stage, output=s.output)
     metrics = outputs.final_metrics(s.stage, trainer, result, metrics_cb.history, eval_metrics, time.monotonic() - t0)
     outputs.write_json(out / "metrics.json", metrics)
     outputs.write_json(out / "run.json", {
