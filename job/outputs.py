@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 
 from transformers import TrainerCallback
 
-from job import storage
+from job import progress, storage
 from job.logs import redact
 
 log = logging.getLogger("job.metrics")
@@ -60,6 +60,10 @@ class MetricsCallback(TrainerCallback):
     def __init__(self, path: Path, emit: bool):
         self.path, self.emit = path, emit
         self.history: list[dict] = []
+        self.eta = progress.Eta()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.eta.start(state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -69,7 +73,9 @@ class MetricsCallback(TrainerCallback):
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
         if self.emit:
-            log.info("step %d", state.global_step, extra={"fields": {"event": "metrics", **row}})
+            # step, total_steps and eta_s: progress for whoever reads the logs (job/progress.py).
+            fields = {"event": "metrics", **row, **self.eta.fields(state.global_step, state.max_steps)}
+            log.info("step %d of %d", state.global_step, state.max_steps, extra={"fields": fields})
 
 
 def run_mean(history: list[dict], key: str) -> float | None:
@@ -133,13 +139,13 @@ library_name: peft
 ---
 # {run_id} ({stage})
 
-LoRA adapter trained by qlora-job on `{base}` with data `{data}`.
+LoRA adapter trained by qlora-job on `{base}` with data `{data}`. {where_text}
 
 ```python
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-adapter = "{adapter}"{adapter_note}
+adapter = "{adapter}"
 tok = AutoTokenizer.from_pretrained(adapter{hub_args})  # carries the prompt format as its chat template
 base = AutoModelForCausalLM.from_pretrained("{base_ref}"{base_args}, dtype="auto", device_map="auto"){base_note}
 model = PeftModel.from_pretrained(base, adapter{hub_args})
@@ -163,17 +169,20 @@ def base_model_ref(base: str) -> tuple[str, str | None, str | None]:
 
 
 def location_ref(output: str | None, run_id: str, folder: str) -> tuple[str, str, str]:
-    """How a user loads `{output}/{run_id}/{folder}`: (path or repo id, extra from_pretrained arguments, a comment)."""
+    """How a user loads `{output}/{run_id}/{folder}`: (path or repo id, extra from_pretrained arguments, a sentence
+    for the model card)."""
     uri = storage.parse_uri(output) if output else None
     if isinstance(uri, storage.HfUri):
         where = uri.join(run_id, folder)
         args = f', subfolder="{where.path}"' + (f', revision="{uri.revision}"' if uri.revision else "")
-        latest = f'subfolder="{uri.path}"' if uri.path else "no subfolder"
-        return uri.repo_id, args, f'  # the latest run\'s {folder}: {latest}; this run\'s: also revision="{run_id}"'
+        root = f'`subfolder="{uri.path}"`' if uri.path else "no subfolder"
+        return uri.repo_id, args, (f"On the Hub, `{uri.repo_id}` with `subfolder=\"{where.path}\"` is this run's {folder}; "
+                                   f"with {root} it is the latest run's, and `revision=\"{run_id}\"` pins it to this run's.")
     if isinstance(uri, storage.LocalUri):
         return str(uri.join(run_id, folder).path.resolve()), "", ""
-    note = f"  # this folder, downloaded: aws s3 sync {uri.join(run_id, folder)}/ {folder}" if uri else "  # this folder"
-    return folder, "", note
+    if uri is None:
+        return folder, "", f"Run this beside the `{folder}` folder."
+    return folder, "", f"Download it first (`aws s3 sync {uri.join(run_id, folder)}/ {folder}`), then run this beside it."
 
 
 def write_prompt_format(dest: Path, tokenizer, prompt_format: str) -> None:
@@ -202,12 +211,12 @@ def write_adapter(dest: Path, model, tokenizer, prompt_format: str, *, base: str
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     tokenizer.save_pretrained(dest)
     write_prompt_format(dest, tokenizer, prompt_format)
-    adapter, hub_args, adapter_note = location_ref(output, run_id, "adapter")
+    adapter, hub_args, where_text = location_ref(output, run_id, "adapter")
     (dest / "README.md").write_text(MODEL_CARD.format(
         # The Hub accepts only a repo id as base_model, and links the adapter to it.
         metadata=f"base_model: {repo_id}\n" if repo_id else "",
         base=base, data=data, run_id=run_id, stage=stage, prompt_format=prompt_format,
-        adapter=adapter, hub_args=hub_args, adapter_note=adapter_note, base_ref=base_ref,
+        adapter=adapter, hub_args=hub_args, where_text=where_text, base_ref=base_ref,
         base_args=f', revision="{revision}"' if revision else "",
         base_note="  # download it first (aws s3 sync) and give its folder" if base_ref.startswith("s3://") else "",
     ), encoding="utf-8")
