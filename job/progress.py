@@ -1,32 +1,18 @@
 """Training progress where platforms look for it.
 
 - Log lines: each JSON `metrics` line carries `step`, `total_steps` and `eta_s` (seconds left), so `kubectl logs`,
-  a log pipeline or a CI job can show how far a run is without parsing a progress bar.
+  a log pipeline or a CI job shows how far a run is without parsing a progress bar (outputs.MetricsCallback).
 - Kubeflow Trainer: a TrainJob's controller (Trainer v2.2+, feature gate TrainJobStatus) injects
-  KUBEFLOW_TRAINER_SERVER_URL and a token into the trainer container; transformers' `KubeflowCallback` then posts
-  progress, ETA and the logged metrics to it, and they appear in the TrainJob's `status.trainerStatus`. transformers
-  only registers that callback for the integrations named in `report_to`, so `report_to()` adds it whenever it can
-  run, whatever JOB_TRAIN__REPORT_TO says (`none` included).
-
-    >>> report_to("none")            # inside a TrainJob with progress reporting on
-    ['kubeflow']
+  KUBEFLOW_TRAINER_SERVER_URL and a token file into the trainer container, and transformers' `KubeflowCallback`
+  posts progress, ETA and the logged metrics there; they appear in the TrainJob's `status.trainerStatus`. Nothing to
+  do here: transformers (5.24, the oldest the job supports) adds "kubeflow" to `report_to` itself whenever that
+  variable is set, JOB_TRAIN__REPORT_TO=none included (TrainingArguments.__post_init__); tests/test_progress.py
+  checks that it still does, through the job's own training arguments and end to end.
 """
 
 from __future__ import annotations
 
 import time
-
-
-def report_to(setting: str) -> list[str]:
-    """JOB_TRAIN__REPORT_TO (`none` or comma-separated names) as TrainingArguments.report_to, plus `kubeflow` when the
-    Kubeflow Trainer callback can run (transformers decides: KUBEFLOW_TRAINER_SERVER_URL is set and
-    DISABLE_KUBEFLOW_INTEGRATION is not)."""
-    from transformers.integrations import is_kubeflow_available
-
-    names = [] if setting == "none" else [n for n in setting.split(",") if n]
-    if is_kubeflow_available() and "kubeflow" not in names:
-        names.append("kubeflow")
-    return names
 
 
 class Eta:

@@ -49,7 +49,7 @@ def test_a_trainjob_gets_progress_and_the_logs_carry_step_total_and_eta(status_s
         JOB_TRAIN__MAX_STEPS="4", JOB_TRAIN__LOGGING_STEPS="1", JOB_TRAIN__SAVE_STEPS="0",
         JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE="2", JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS="1",
         JOB_TRAIN__MAX_LENGTH="128",
-        # JOB_TRAIN__REPORT_TO is left at "none": inside a TrainJob the job reports progress anyway.
+        # JOB_TRAIN__REPORT_TO is left at "none": inside a TrainJob progress is reported anyway.
     ))
     assert r.returncode == 0, r.stderr[-3000:]
 
@@ -77,19 +77,28 @@ def test_a_trainjob_gets_progress_and_the_logs_carry_step_total_and_eta(status_s
 
 @pytest.mark.parametrize("env,setting,expected", [
     ({}, "none", []),
-    ({}, "tensorboard,wandb", ["tensorboard", "wandb"]),
+    ({}, "tensorboard", ["tensorboard"]),
     ({"KUBEFLOW_TRAINER_SERVER_URL": "https://trainer.kubeflow:8082/x"}, "none", ["kubeflow"]),
-    ({"KUBEFLOW_TRAINER_SERVER_URL": "https://trainer.kubeflow:8082/x"}, "mlflow", ["mlflow", "kubeflow"]),
-    ({"KUBEFLOW_TRAINER_SERVER_URL": "https://trainer.kubeflow:8082/x"}, "kubeflow", ["kubeflow"]),
-    ({"KUBEFLOW_TRAINER_SERVER_URL": "https://trainer.kubeflow:8082/x", "DISABLE_KUBEFLOW_INTEGRATION": "true"},
+    ({"KUBEFLOW_TRAINER_SERVER_URL": "https://trainer.kubeflow:8082/x"}, "tensorboard", ["tensorboard", "kubeflow"]),
+    ({"KUBEFLOW_TRAINER_SERVER_URL": "https://trainer.kubeflow:8082/x", "DISABLE_KUBEFLOW_INTEGRATION": "TRUE"},
      "none", []),
 ])
-def test_report_to_adds_kubeflow_only_inside_a_trainjob(monkeypatch, env, setting, expected):
+def test_the_training_arguments_report_to_kubeflow_only_inside_a_trainjob(monkeypatch, tmp_path, env, setting, expected):
+    """The job leaves this to transformers (TrainingArguments adds "kubeflow" when the controller's variable is set);
+    this pins that behaviour, through the job's own arguments, for the transformers the job is installed with."""
+    from trl import SFTConfig
+
+    from job.settings import load_settings
+    from job.stages.common import training_args
+
     for name in ("KUBEFLOW_TRAINER_SERVER_URL", "DISABLE_KUBEFLOW_INTEGRATION"):
         monkeypatch.delenv(name, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    assert progress.report_to(setting) == expected
+    s = load_settings({"JOB_STAGE": "sft", "JOB_BASE_MODEL": "org/model", "JOB_DATA": "d.jsonl", "JOB_OUTPUT": "out",
+                       "JOB_TRAIN__REPORT_TO": setting})
+    args = SFTConfig(**training_args(s, tmp_path, has_eval=False, progress_bar=False))
+    assert args.report_to == expected
 
 
 def test_eta_counts_only_this_process_steps():

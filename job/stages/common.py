@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from job import progress
 from job.settings import JobSettings
 
 log = logging.getLogger("job")
@@ -124,7 +123,7 @@ def training_args(s: JobSettings, checkpoint_dir: Path, *, has_eval: bool, progr
         bf16=bf16,
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        report_to=progress.report_to(t.report_to),  # + Kubeflow Trainer's progress reporting inside a TrainJob
+        report_to=[] if t.report_to == "none" else t.report_to.split(","),
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
         save_only_model=False,  # optimizer and RNG state are what make a resumed run continue exactly
