@@ -212,8 +212,8 @@ class JobSettings(BaseSettings):
         # A field validator (validate_default=True runs it when the variable is unset), so that a missing JOB_DATA is
         # reported with every other problem, by its name. `stage` is declared first, so it is in info.data.
         stage = info.data.get("stage")
-        if info.field_name == "data" and v is None and stage in ("sft", "dpo"):
-            raise ValueError(f"required for JOB_STAGE={stage}, not set")
+        if info.field_name == "data" and v is None and stage != "merge":
+            raise ValueError(f"required for JOB_STAGE={stage}, not set" if stage else "required, not set")
         if info.field_name == "adapter" and v is None and stage == "merge":
             raise ValueError("required for JOB_STAGE=merge (the adapter to merge into JOB_BASE_MODEL), not set")
         return v
