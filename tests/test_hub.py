@@ -295,3 +295,51 @@ def test_offline_runs_use_the_cache_and_a_cache_miss_is_permanent(hub, tmp_path)
         assert f"JOB_BASE_MODEL: {uri}: not in the local Hugging Face cache" in r.stderr
         assert "offline mode is on (HF_HUB_OFFLINE=1)" in r.stderr and "Traceback" not in r.stderr
     assert len(hub.requests) == before  # offline means offline
+
+
+@pytest.mark.parametrize("prefix", ["", "experiments"])
+def test_each_publish_is_one_commit_and_replaces_the_artifact_at_the_output_root(tmp_path, monkeypatch, prefix):
+    """In process: an adapter run, then a merge run, to the same output. The root (of the repo, or of the output's
+    folder) holds the latest run's artifact only, so it never mixes an adapter with a merged model; the user's other
+    files stay; every run keeps its own folder."""
+    from huggingface_hub import constants
+
+    from job import outputs, storage
+    from job.storage import HfUri
+
+    def run_folder(name, stage, artifact, files):
+        local = tmp_path / name / "out"
+        (local / artifact).mkdir(parents=True)
+        for f, content in files.items():
+            (local / artifact / f).write_bytes(content)
+        (local / "run.json").write_text(json.dumps({"stage": stage}))
+        return local
+
+    with FakeHub(token=FAKE_SECRET) as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        output = HfUri("org/serve", "model", None, prefix)
+        storage.prepare_output(output, FAKE_SECRET)
+        storage.push(DEMO_DATA / "sft.jsonl", output.join("NOTES.jsonl"), FAKE_SECRET, message="the user's own file")
+        sft = run_folder("sft", "sft", "adapter", {"adapter_config.json": b"{}", "adapter_model.safetensors": b"A" * 64,
+                                                    "tokenizer.json": b"{}", "README.md": b"# adapter\n"})
+        outputs.publish(sft, output.join("sft-1"), FAKE_SECRET)
+        merged = run_folder("merge", "merge", "merged", {"config.json": b"{}", "model.safetensors": b"M" * 64,
+                                                          "tokenizer.json": b'{"v": 2}', "README.md": b"# merged\n"})
+        outputs.publish(merged, output.join("merge-1"), FAKE_SECRET)
+
+        repo = hub.repo("org/serve")
+        assert [c.message for c in repo.log] == ["initial commit", "the user's own file", "qlora-job sft sft-1",
+                                                 "qlora-job merge merge-1"]
+        root = f"{prefix}/" if prefix else ""
+        files = repo.files()
+        at_root = {f[len(root):] for f in files if f.startswith(root) and "/" not in f[len(root):]}
+        assert at_root - {".gitattributes"} == {"NOTES.jsonl", "config.json", "model.safetensors", "tokenizer.json",
+                                                 "README.md"}
+        assert files[f"{root}tokenizer.json"] == b'{"v": 2}' and files[f"{root}README.md"] == b"# merged\n"
+        for run, names in (("sft-1", ("adapter/adapter_model.safetensors", "_SUCCESS")),
+                           ("merge-1", ("merged/model.safetensors", "run.json", "_SUCCESS"))):
+            for name in names:
+                assert f"{root}{run}/{name}" in files
+        assert repo.commit(repo.refs["sft-1"]).files[f"{root}adapter_model.safetensors"] == b"A" * 64
+        assert repo.refs["merge-1"] == repo.sha
