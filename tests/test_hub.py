@@ -297,15 +297,27 @@ def test_offline_runs_use_the_cache_and_a_cache_miss_is_permanent(hub, tmp_path)
     assert len(hub.requests) == before  # offline means offline
 
 
+@pytest.fixture
+def hub_in_process(monkeypatch):
+    """A fake Hub for code running in this process: huggingface_hub read HF_ENDPOINT when it was imported."""
+    from huggingface_hub import constants
+
+    with FakeHub(token=FAKE_SECRET) as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        yield hub
+
+
 @pytest.mark.parametrize("prefix", ["", "experiments"])
-def test_each_publish_is_one_commit_and_replaces_the_artifact_at_the_output_root(tmp_path, monkeypatch, prefix):
+def test_each_publish_is_one_commit_and_replaces_the_artifact_at_the_output_root(tmp_path, hub_in_process, prefix):
     """In process: an adapter run, then a merge run, to the same output. The root (of the repo, or of the output's
     folder) holds the latest run's artifact only, so it never mixes an adapter with a merged model; the user's other
     files stay; every run keeps its own folder."""
-    from huggingface_hub import constants
-
     from job import outputs, storage
     from job.storage import HfUri
+
+    hub = hub_in_process
 
     def run_folder(name, stage, artifact, files):
         local = tmp_path / name / "out"
@@ -315,31 +327,45 @@ def test_each_publish_is_one_commit_and_replaces_the_artifact_at_the_output_root
         (local / "run.json").write_text(json.dumps({"stage": stage}))
         return local
 
-    with FakeHub(token=FAKE_SECRET) as hub:
-        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-        output = HfUri("org/serve", "model", None, prefix)
-        storage.prepare_output(output, FAKE_SECRET)
-        storage.push(DEMO_DATA / "sft.jsonl", output.join("NOTES.jsonl"), FAKE_SECRET, message="the user's own file")
-        sft = run_folder("sft", "sft", "adapter", {"adapter_config.json": b"{}", "adapter_model.safetensors": b"A" * 64,
-                                                    "tokenizer.json": b"{}", "README.md": b"# adapter\n"})
-        outputs.publish(sft, output.join("sft-1"), FAKE_SECRET)
-        merged = run_folder("merge", "merge", "merged", {"config.json": b"{}", "model.safetensors": b"M" * 64,
-                                                          "tokenizer.json": b'{"v": 2}', "README.md": b"# merged\n"})
-        outputs.publish(merged, output.join("merge-1"), FAKE_SECRET)
+    output = HfUri("org/serve", "model", None, prefix)
+    storage.prepare_output(output, FAKE_SECRET)
+    storage.push(DEMO_DATA / "sft.jsonl", output.join("NOTES.jsonl"), FAKE_SECRET, message="the user's own file")
+    sft = run_folder("sft", "sft", "adapter", {"adapter_config.json": b"{}", "adapter_model.safetensors": b"A" * 64,
+                                                "tokenizer.json": b"{}", "README.md": b"# adapter\n"})
+    outputs.publish(sft, output.join("sft-1"), FAKE_SECRET)
+    merged = run_folder("merge", "merge", "merged", {"config.json": b"{}", "model.safetensors": b"M" * 64,
+                                                      "tokenizer.json": b'{"v": 2}', "README.md": b"# merged\n"})
+    outputs.publish(merged, output.join("merge-1"), FAKE_SECRET)
 
-        repo = hub.repo("org/serve")
-        assert [c.message for c in repo.log] == ["initial commit", "the user's own file", "qlora-job sft sft-1",
-                                                 "qlora-job merge merge-1"]
-        root = f"{prefix}/" if prefix else ""
-        files = repo.files()
-        at_root = {f[len(root):] for f in files if f.startswith(root) and "/" not in f[len(root):]}
-        assert at_root - {".gitattributes"} == {"NOTES.jsonl", "config.json", "model.safetensors", "tokenizer.json",
-                                                 "README.md"}
-        assert files[f"{root}tokenizer.json"] == b'{"v": 2}' and files[f"{root}README.md"] == b"# merged\n"
-        for run, names in (("sft-1", ("adapter/adapter_model.safetensors", "_SUCCESS")),
-                           ("merge-1", ("merged/model.safetensors", "run.json", "_SUCCESS"))):
-            for name in names:
-                assert f"{root}{run}/{name}" in files
-        assert repo.commit(repo.refs["sft-1"]).files[f"{root}adapter_model.safetensors"] == b"A" * 64
-        assert repo.refs["merge-1"] == repo.sha
+    repo = hub.repo("org/serve")
+    assert [c.message for c in repo.log] == ["initial commit", "the user's own file", "qlora-job sft sft-1",
+                                             "qlora-job merge merge-1"]
+    root = f"{prefix}/" if prefix else ""
+    files = repo.files()
+    at_root = {f[len(root):] for f in files if f.startswith(root) and "/" not in f[len(root):]}
+    assert at_root - {".gitattributes"} == {"NOTES.jsonl", "config.json", "model.safetensors", "tokenizer.json",
+                                             "README.md"}
+    assert files[f"{root}tokenizer.json"] == b'{"v": 2}' and files[f"{root}README.md"] == b"# merged\n"
+    for run, names in (("sft-1", ("adapter/adapter_model.safetensors", "_SUCCESS")),
+                       ("merge-1", ("merged/model.safetensors", "run.json", "_SUCCESS"))):
+        for name in names:
+            assert f"{root}{run}/{name}" in files
+    assert repo.commit(repo.refs["sft-1"]).files[f"{root}adapter_model.safetensors"] == b"A" * 64
+    assert repo.refs["merge-1"] == repo.sha
+
+
+def test_an_output_on_a_branch_is_created_and_committed_there(tmp_path, hub_in_process):
+    from job import outputs, storage
+    from job.storage import HfUri
+
+    hub = hub_in_process
+    output = HfUri("org/exp", "model", "ablation", "")
+    assert not storage.exists(output.join("r1", "_SUCCESS"), FAKE_SECRET)  # no repo yet: not done, not an error
+    storage.prepare_output(output, FAKE_SECRET)
+    local = tmp_path / "out"
+    (local / "adapter").mkdir(parents=True)
+    (local / "adapter" / "adapter_config.json").write_text("{}")
+    outputs.publish(local, output.join("r1"), FAKE_SECRET)
+    repo = hub.repo("org/exp")
+    assert "r1/_SUCCESS" in repo.files("ablation") and "r1/_SUCCESS" not in repo.files("main")
+    assert storage.exists(output.join("r1", "_SUCCESS"), FAKE_SECRET)
