@@ -83,10 +83,21 @@ def main() -> int:
         "JOB_RUN_ID": f"merge-{a.shape}-{int(time.time())}", "JOB_WORKDIR": str(a.work / "scratch"),
         "JOB_LOG_FORMAT": "json", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "job"], env=env, cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "job"], env=env, cwd=ROOT)
+    # RssAnon is what has to fit in RAM; RssFile is the safetensors files mapped in, page cache the kernel can drop.
+    peaks = {"RssAnon": 0, "RssFile": 0}
+    while proc.poll() is None:
+        try:
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key in peaks:
+                    peaks[key] = max(peaks[key], int(value.split()[0]) * 1024)
+        except OSError:
+            pass
+        time.sleep(0.2)
     wall = time.monotonic() - t0
-    if r.returncode:
-        return r.returncode
+    if proc.returncode:
+        return proc.returncode
     # ru_maxrss of waited-for children: the merge process is the only one this script started.
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     merged = out / env["JOB_RUN_ID"] / "merged"
@@ -103,6 +114,9 @@ def main() -> int:
     result = {
         "shape": a.shape, "parameters": params, "merge_wall_s": round(wall, 1),
         "merge_peak_rss_gib": round(peak / 2**30, 2), "peak_rss_bytes_per_parameter": round(peak / params, 2),
+        "merge_peak_anon_gib": round(peaks["RssAnon"] / 2**30, 2),
+        "peak_anon_bytes_per_parameter": round(peaks["RssAnon"] / params, 2),
+        "merge_peak_file_mapped_gib": round(peaks["RssFile"] / 2**30, 2),
         "shards": sorted(s.name for s in merged.glob("*.safetensors")),
         "shard_gib": sorted(round(s.stat().st_size / 2**30, 2) for s in merged.glob("*.safetensors")),
         "compare_device": device, **compare(base, adapter, merged, device),

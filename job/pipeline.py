@@ -105,7 +105,7 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
     if s.stage == "merge":  # no data, no training: its own module
         from job.stages import merge
 
-        return merge.run(s, stop=stop)
+        return merge.run(s)
     stop = stop or StopSignal()
     started = datetime.now(timezone.utc)
     t0 = time.monotonic()
