@@ -18,11 +18,11 @@ import math
 import platform
 import time
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from transformers import TrainerCallback
 
-from job import storage
+from job import progress, storage
 from job.logs import redact
 
 log = logging.getLogger("job.metrics")
@@ -64,6 +64,10 @@ class MetricsCallback(TrainerCallback):
 
     def __init__(self, emit: bool):
         self.emit = emit
+        self.eta = progress.Eta()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.eta.start(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         if control.should_save or state.global_step >= state.max_steps:
@@ -73,7 +77,9 @@ class MetricsCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.emit and state.is_world_process_zero and logs:
             row = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **{k: _clean(v) for k, v in logs.items()}}
-            log.info("step %d", state.global_step, extra={"fields": {"event": "metrics", "max_steps": state.max_steps, **row}})
+            # step, total_steps and eta_s: progress for whoever reads the logs (job/progress.py).
+            fields = {"event": "metrics", **row, **self.eta.fields(state.global_step, state.max_steps)}
+            log.info("step %d of %d", state.global_step, state.max_steps, extra={"fields": fields})
 
 
 def write_history(path: Path, log_history: list[dict]) -> None:
@@ -155,30 +161,57 @@ def final_metrics(stage: str, trainer, train_result, eval_metrics: dict | None, 
 
 MODEL_CARD = """---
 library_name: peft
-base_model: {base}
-tags: [qlora-job, {stage}, lora]
+{metadata}tags: [qlora-job, {stage}, lora]
 ---
 # {run_id} ({stage})
 
-LoRA adapter trained by qlora-job on `{base}` with data `{data}`.
+LoRA adapter trained by qlora-job on `{base}` with data `{data}`. {where_text}
 
 ```python
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
-tok = AutoTokenizer.from_pretrained("path/to/adapter")      # carries the prompt format as its chat template
-base = AutoModelForCausalLM.from_pretrained("{base_id}")
-model = PeftModel.from_pretrained(base, "path/to/adapter")
-ids = tok.apply_chat_template([{{"role": "user", "content": "質問"}}], add_generation_prompt=True, return_tensors="pt")
+
+adapter = "{adapter}"
+tok = AutoTokenizer.from_pretrained(adapter{hub_args})  # carries the prompt format as its chat template
+base = AutoModelForCausalLM.from_pretrained("{base_ref}"{base_args}, dtype="auto", device_map="auto"){base_note}
+model = PeftModel.from_pretrained(base, adapter{hub_args})
+inputs = tok.apply_chat_template([{{"role": "user", "content": "質問"}}], add_generation_prompt=True,
+                                 return_dict=True, return_tensors="pt").to(model.device)
+out = model.generate(**inputs, max_new_tokens=64)
+print(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 
 Prompt format: `{prompt_format}` (see prompt_format.json). Metrics: see metrics.json beside this folder.
 """
 
 
-def write_adapter(dest: Path, model, tokenizer, prompt_format: str, *, base: str, data: str, run_id: str, stage: str) -> None:
-    # Only the trained adapter: DPO's frozen "ref" copy is an implementation detail of training.
-    model.save_pretrained(dest, selected_adapters=["default"], safe_serialization=True)
-    tokenizer.save_pretrained(dest)
+def base_model_ref(base: str) -> tuple[str, str | None, str | None]:
+    """JOB_BASE_MODEL as others can name it: (reference, Hub repo id or None, Hub revision or None). A Hub model is
+    its repo id; an S3 URI or a local directory stays as given (never the pod's download folder)."""
+    uri = storage.as_model_uri(base)
+    if isinstance(uri, storage.HfUri):
+        return uri.repo_id, uri.repo_id, uri.revision
+    return base, None, None
+
+
+def location_ref(output: str | None, run_id: str, folder: str) -> tuple[str, str, str]:
+    """How a user loads `{output}/{run_id}/{folder}`: (path or repo id, extra from_pretrained arguments, a sentence
+    for the model card)."""
+    uri = storage.parse_uri(output) if output else None
+    if isinstance(uri, storage.HfUri):
+        where = uri.join(run_id, folder)
+        args = f', subfolder="{where.path}"' + (f', revision="{uri.revision}"' if uri.revision else "")
+        root = f'`subfolder="{uri.path}"`' if uri.path else "no subfolder"
+        return uri.repo_id, args, (f"On the Hub, `{uri.repo_id}` with `subfolder=\"{where.path}\"` is this run's {folder}; "
+                                   f"with {root} it is the latest run's, and `revision=\"{run_id}\"` pins it to this run's.")
+    if isinstance(uri, storage.LocalUri):
+        return str(uri.join(run_id, folder).path.resolve()), "", ""
+    if uri is None:
+        return folder, "", f"Run this beside the `{folder}` folder."
+    return folder, "", f"Download it first (`aws s3 sync {uri.join(run_id, folder)}/ {folder}`), then run this beside it."
+
+
+def write_prompt_format(dest: Path, tokenizer, prompt_format: str) -> None:
     example = tokenizer.apply_chat_template(
         [{"role": "user", "content": "{prompt}"}, {"role": "assistant", "content": "{answer}"}], tokenize=False
     )
@@ -186,10 +219,33 @@ def write_adapter(dest: Path, model, tokenizer, prompt_format: str, *, base: str
         json.dumps({"name": prompt_format, "chat_template": tokenizer.chat_template, "rendered_example": example}, ensure_ascii=False, indent=2),
         encoding="utf-8",
     )
-    base_id = base.removeprefix("hf://").split("@")[0] if base.startswith("hf://") else base
-    (dest / "README.md").write_text(
-        MODEL_CARD.format(base=base, base_id=base_id, data=data, run_id=run_id, stage=stage, prompt_format=prompt_format), encoding="utf-8"
-    )
+
+
+def write_adapter(dest: Path, model, tokenizer, prompt_format: str, *, base: str, data: str, run_id: str, stage: str,
+                  output: str | None = None) -> None:
+    """The trained adapter with its tokenizer, prompt format and model card. `output` (JOB_OUTPUT) lets the card's
+    snippet name where the adapter will be."""
+    # Only the trained adapter: DPO's frozen "ref" copy is an implementation detail of training.
+    model.save_pretrained(dest, selected_adapters=["default"], safe_serialization=True)
+    base_ref, repo_id, revision = base_model_ref(base)
+    # PEFT records the folder the base was loaded from, here a download folder of the pod that no longer exists.
+    config_path = dest / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = base_ref
+    if revision:
+        config["revision"] = revision
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tokenizer.save_pretrained(dest)
+    write_prompt_format(dest, tokenizer, prompt_format)
+    adapter, hub_args, where_text = location_ref(output, run_id, "adapter")
+    (dest / "README.md").write_text(MODEL_CARD.format(
+        # The Hub accepts only a repo id as base_model, and links the adapter to it.
+        metadata=f"base_model: {repo_id}\n" if repo_id else "",
+        base=base, data=data, run_id=run_id, stage=stage, prompt_format=prompt_format,
+        adapter=adapter, hub_args=hub_args, where_text=where_text, base_ref=base_ref,
+        base_args=f', revision="{revision}"' if revision else "",
+        base_note="  # download it first (aws s3 sync) and give its folder" if base_ref.startswith("s3://") else "",
+    ), encoding="utf-8")
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -197,8 +253,17 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def publish(local: Path, remote: storage.Uri, token: str | None) -> None:
-    """Upload everything, then `_SUCCESS` alone: its presence means every other file is complete."""
-    storage.push(local, remote, token)
+    """Upload everything, then `_SUCCESS` alone: its presence means every other file is complete.
+
+    On the Hub a commit is all-or-nothing, so there it is one commit named after the run, `_SUCCESS` included, and the
+    run's artifact (merged/ or adapter/) also becomes the root of the output (storage.publish_hub)."""
     marker = local.parent / "_SUCCESS"
     marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n")
+    if isinstance(remote, storage.HfUri):
+        run = json.loads((local / "run.json").read_text(encoding="utf-8")) if (local / "run.json").exists() else {}
+        latest = next((d for d in ("merged", "adapter") if (local / d).is_dir()), None)
+        message = f"qlora-job {run.get('stage', 'run')} {PurePosixPath(remote.path).name}"
+        storage.publish_hub(local, marker, remote, token, message=message, latest=latest)
+        return
+    storage.push(local, remote, token)
     storage.push(marker, remote.join("_SUCCESS"), token)

@@ -26,6 +26,10 @@ log = logging.getLogger("job")
 
 def check(s: JobSettings) -> dict:
     """--check: every check a run makes before downloading weights; returns what the run would do."""
+    if s.stage == "merge":  # no data, no training: its own module
+        from job.stages import merge
+
+        return merge.check(s)
     return preflight.prepare(s, s.resolved_run_id(), dry=True).report
 
 
@@ -35,6 +39,10 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
 
     from job import outputs
 
+    if s.stage == "merge":  # no data, no training: its own module
+        from job.stages import merge
+
+        return merge.run(s)
     stop = stop or StopSignal()
     started = datetime.now(timezone.utc)
     t0 = time.monotonic()
@@ -74,7 +82,7 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
     if not trainer.is_world_process_zero():
         return str(remote)
     outputs.write_adapter(out / "adapter", trainer.model, plan.tokenizer, plan.prompt_format,
-                          base=s.base_model, data=s.data, run_id=run_id, stage=s.stage)
+                          base=s.base_model, data=s.data, run_id=run_id, stage=s.stage, output=s.output)
     outputs.write_history(out / "metrics.jsonl", trainer.state.log_history)
     metrics = outputs.final_metrics(s.stage, trainer, result, eval_metrics, lengths={"train": plan.train.report,
                                     "eval": plan.eval.report if plan.eval else None})

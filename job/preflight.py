@@ -77,7 +77,7 @@ def token(s: JobSettings) -> str | None:
 # ------------------------------------------------------------------------------------------------- 1. writable
 
 
-def check_writable(s: JobSettings, remote: storage.Uri, workdir: Path, *, output: bool = True) -> None:
+def check_writable(s: JobSettings, remote: storage.Uri, workdir: Path, *, output: bool = True, dry: bool = False) -> None:
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         probe = workdir / ".write-probe"
@@ -89,7 +89,7 @@ def check_writable(s: JobSettings, remote: storage.Uri, workdir: Path, *, output
     if not output:  # only the process that uploads (rank 0) probes the output
         return
     try:
-        storage.probe_write(remote, token(s))
+        storage.probe_write(remote, token(s), private=s.hub_private, dry=dry)
     except OSError as exc:
         raise ConfigError(f"JOB_OUTPUT={s.output}: can't write {remote} ({exc.strerror or exc})") from None
     except DataError as exc:  # e.g. the bucket does not exist
@@ -330,7 +330,7 @@ def prepare(s: JobSettings, run_id: str, *, dry: bool = False, main: bool = True
     tok = token(s)
     remote = storage.parse_uri(s.output).join(run_id)
     workdir = Path(s.workdir) / run_id
-    check_writable(s, remote, workdir, output=main)
+    check_writable(s, remote, workdir, output=main, dry=dry)
     inputs = read_data(s, workdir)
     log.info("data: %d training and %d eval records from %d files", len(inputs.train), len(inputs.eval), len(inputs.files))
 

@@ -172,11 +172,13 @@ class JobSettings(BaseSettings):
         env_ignore_empty=True,
     )
 
-    stage: Literal["sft", "dpo"]
+    #: `merge`: JOB_ADAPTER merged into JOB_BASE_MODEL loaded in 16 bits (job/stages/merge.py); it reads no data.
+    stage: Literal["sft", "dpo", "merge"]
     #: `hf://org/model[@revision]` (or `org/model`), `s3://bucket/prefix/`, or a local directory.
     base_model: str
     #: A file or prefix: `s3://bucket/key`, `s3://bucket/prefix/`, `hf://datasets/org/name[@revision]`, local path.
-    data: str
+    #: Required except for `merge` (see _stage_inputs).
+    data: str | None = None
     #: Where `{run_id}/` is written: `s3://bucket/prefix`, `hf://org/repo`, or a local directory.
     output: str
     eval_data: str | None = None
@@ -201,6 +203,8 @@ class JobSettings(BaseSettings):
     train: TrainSettings = TrainSettings()
     dpo: DpoSettings = DpoSettings()
     columns: ColumnSettings = ColumnSettings()
+    #: A Hub repository the job creates for JOB_OUTPUT=hf://org/repo is private unless this is false.
+    hub_private: bool = True
     #: Read from the standard `HF_TOKEN`; passed to huggingface_hub explicitly and never printed.
     hf_token: SecretStr | None = Field(None, validation_alias=AliasChoices("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"))
 
@@ -220,6 +224,18 @@ class JobSettings(BaseSettings):
 
         parse_uri(v.strip())  # raises ValueError with the reason
         return v.strip()
+
+    @field_validator("data", "adapter")
+    @classmethod
+    def _stage_inputs(cls, v: str | None, info) -> str | None:
+        # A field validator (validate_default=True runs it when the variable is unset), so that a missing JOB_DATA is
+        # reported with every other problem, by its name. `stage` is declared first, so it is in info.data.
+        stage = info.data.get("stage")
+        if info.field_name == "data" and v is None and stage != "merge":
+            raise ValueError(f"required for JOB_STAGE={stage}, not set" if stage else "required, not set")
+        if info.field_name == "adapter" and v is None and stage == "merge":
+            raise ValueError("required for JOB_STAGE=merge (the adapter to merge into JOB_BASE_MODEL), not set")
+        return v
 
     @model_validator(mode="after")
     def _cross(self) -> JobSettings:

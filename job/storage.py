@@ -236,26 +236,65 @@ def _s3_push(src: Path, uri: S3Uri) -> None:
 
 # ---------------------------------------------------------------------------------------------------------- Hub
 
+#: Files a loader picks up from a folder (PEFT, transformers, tokenizers) and the model card. When a run's artifact is
+#: published to the root of its Hub output, those an earlier run left at that root are deleted in the same commit, so
+#: the root never mixes an adapter with a merged model or an older tokenizer; anything else there (.gitattributes, a
+#: LICENSE) stays.
+HF_ARTIFACT_FILES = ["adapter_config.json", "adapter_model.safetensors", "*.safetensors", "*.safetensors.index.json",
+                     "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
+                     "added_tokens.json", "chat_template*", "prompt_format.json", "vocab*", "merges.txt", "*.model",
+                     "*.tiktoken", "README.md"]
 
-def _hf_error(exc: Exception, uri: HfUri) -> JobError:
+
+def _hf_error(exc: Exception, uri: HfUri, *, writing: bool = False) -> JobError:
+    """A huggingface_hub exception as the job's error. `writing`: the URI is an output. Messages name the URI and
+    never quote the exception, whose text can hold request URLs and headers."""
+    from huggingface_hub import constants
     from huggingface_hub.errors import (
+        BadRequestError,
         EntryNotFoundError,
         GatedRepoError,
         HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
         RepositoryNotFoundError,
         RevisionNotFoundError,
+        RevisionResolutionError,
     )
 
+    status = exc.response.status_code if isinstance(exc, HfHubHTTPError) and exc.response is not None else None
+    # Offline mode: retrying can't help (exit 75 would retry forever); the cache or the variable has to change.
+    if constants.is_offline_mode():
+        if isinstance(exc, (LocalEntryNotFoundError, RevisionResolutionError)) and not writing:
+            return DataError(f"{uri}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}), or only partly, "
+                             "and offline mode is on (HF_HUB_OFFLINE=1): download it once without HF_HUB_OFFLINE")
+        if writing or isinstance(exc, OfflineModeIsEnabled):
+            return ConfigError(f"{uri}: the Hub can't be reached: offline mode is on (HF_HUB_OFFLINE=1)")
+    if writing:
+        owner = uri.repo_id.split("/")[0]
+        if isinstance(exc, RevisionNotFoundError):
+            return ConfigError(f"{uri}: branch {uri.revision!r} not found (outputs are committed to a branch)")
+        if status == 401 or isinstance(exc, RepositoryNotFoundError):
+            return ConfigError(f"{uri}: the Hub refused HF_TOKEN ({status}); set HF_TOKEN to a token with write access "
+                               f"to {owner}")
+        if status == 403:
+            return ConfigError(f"{uri}: HF_TOKEN has no write access to {uri.repo_id} (403); use a token with write "
+                               f"permission for {owner}")
+        if isinstance(exc, (BadRequestError, ValueError)) or (status and status < 500 and status != 429):
+            # The Hub rejected what the job sent: a bug to report, not a failure that a retry fixes.
+            return JobError(f"{uri}: the Hub rejected the upload ({status or type(exc).__name__})")
+        return TransientError(f"{uri}: Hugging Face Hub upload failed: {type(exc).__name__}")
     if isinstance(exc, GatedRepoError):
         return ConfigError(f"{uri}: gated repository; accept its terms on the Hub and set HF_TOKEN")
     if isinstance(exc, RepositoryNotFoundError):
         return DataError(f"{uri}: repository not found (or private: set HF_TOKEN)")
     if isinstance(exc, RevisionNotFoundError):
         return DataError(f"{uri}: revision {uri.revision!r} not found")
-    if isinstance(exc, EntryNotFoundError):
+    if isinstance(exc, EntryNotFoundError) and not isinstance(exc, LocalEntryNotFoundError):
         return DataError(f"{uri}: file not found in the repository")
-    if isinstance(exc, HfHubHTTPError) and exc.response is not None and exc.response.status_code in (401, 403):
-        return ConfigError(f"{uri}: access denied ({exc.response.status_code}); check HF_TOKEN")
+    if status in (401, 403):
+        return ConfigError(f"{uri}: access denied ({status}); check HF_TOKEN")
+    # Connection errors, 5xx, a cache miss while the Hub was unreachable: running again may work.
     return TransientError(f"{uri}: Hugging Face Hub request failed: {type(exc).__name__}")
 
 
@@ -266,31 +305,134 @@ def _hf_pull(uri: HfUri, dest: Path, include: list[str] | None, token: str | Non
     if uri.path and not include:
         patterns = [uri.path, f"{uri.path}/*"]
     try:
-        info = HfApi(token=token).repo_info(uri.repo_id, repo_type=uri.repo_type, revision=uri.revision)
-        # HF_HOME's cache keeps one copy across runs; the snapshot is pinned to the commit resolved just now.
-        root = Path(
-            snapshot_download(uri.repo_id, repo_type=uri.repo_type, revision=info.sha, allow_patterns=patterns, token=token)
-        )
+        # One resolution, so that every file comes from the same commit. It also records the branch or tag -> commit
+        # mapping in HF_HOME's cache, where an offline run (HF_HUB_OFFLINE=1) finds it again.
+        revision = HfApi(token=token).resolve_revision(uri.repo_id, repo_type=uri.repo_type, revision=uri.revision)
+        root = Path(snapshot_download(uri.repo_id, repo_type=uri.repo_type, revision=revision, allow_patterns=patterns,
+                                      token=token))
     except Exception as exc:  # huggingface_hub raises many types; all are mapped to a user-facing error
         raise _hf_error(exc, uri) from None
+    sha = revision.resolved
     path = root / uri.path if uri.path else root
     if not path.exists():
-        raise DataError(f"{uri}: {uri.path!r} not found in the repository at {info.sha}")
-    return path, {"uri": str(uri), "revision": info.sha}
+        raise DataError(f"{uri}: {uri.path!r} not found in the repository at {sha}")
+    return path, {"uri": str(uri), "revision": sha}
 
 
-def _hf_push(src: Path, uri: HfUri, token: str | None) -> None:
-    from huggingface_hub import HfApi
+def _hf_join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p.strip("/"))
 
+
+def _hf_adds(src: Path, path_in_repo: str) -> list:
+    from huggingface_hub import CommitOperationAdd
+
+    if src.is_file():
+        return [CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=str(src))]
+    return [CommitOperationAdd(path_in_repo=_hf_join(path_in_repo, p.relative_to(src).as_posix()), path_or_fileobj=str(p))
+            for p in sorted(src.rglob("*")) if p.is_file()]
+
+
+def _hf_commit(api, uri: HfUri, operations: list, message: str) -> str:
+    # create_commit, not upload_folder: with hf_xet installed, upload_folder splits a large folder into several
+    # commits, and one commit is what makes an upload all-or-nothing.
+    return api.create_commit(uri.repo_id, operations, commit_message=message, repo_type=uri.repo_type,
+                             revision=uri.revision).oid
+
+
+def _hf_prepare(uri: HfUri, token: str | None, private: bool) -> None:
+    from huggingface_hub import HfApi, get_token
+
+    if not (token or get_token()):
+        raise ConfigError(f"{uri}: writing to the Hub needs a token with write access: set HF_TOKEN")
     api = HfApi(token=token)
     try:
-        api.create_repo(uri.repo_id, repo_type=uri.repo_type, private=True, exist_ok=True)
-        if src.is_file():
-            api.upload_file(path_or_fileobj=str(src), path_in_repo=uri.path, repo_id=uri.repo_id, repo_type=uri.repo_type, revision=uri.revision)
+        try:
+            info = api.repo_info(uri.repo_id, repo_type=uri.repo_type)
+        except Exception as exc:
+            if type(exc).__name__ != "RepositoryNotFoundError":
+                raise
+            api.create_repo(uri.repo_id, repo_type=uri.repo_type, private=private, exist_ok=True)
+            log.info("created the %s Hub repository %s", "private" if private else "public", uri.repo_id)
         else:
-            api.upload_folder(folder_path=str(src), path_in_repo=uri.path or None, repo_id=uri.repo_id, repo_type=uri.repo_type, revision=uri.revision)
+            if info.private is not None and info.private != private:
+                log.warning("%s exists and is %s; JOB_HUB_PRIVATE applies only to a repository the job creates",
+                            uri.repo_id, "private" if info.private else "public")
+        if uri.revision:
+            api.create_branch(uri.repo_id, branch=uri.revision, repo_type=uri.repo_type, exist_ok=True)
+        api.auth_check(uri.repo_id, repo_type=uri.repo_type, write=True)
     except Exception as exc:
-        raise _hf_error(exc, uri) from None
+        raise _hf_error(exc, uri, writing=True) from None
+
+
+def _hf_push(src: Path, uri: HfUri, token: str | None, message: str | None) -> None:
+    from huggingface_hub import HfApi
+
+    try:
+        _hf_commit(HfApi(token=token), uri, _hf_adds(src, uri.path), message or f"qlora-job: upload {uri.path or src.name}")
+    except Exception as exc:
+        raise _hf_error(exc, uri, writing=True) from None
+
+
+def publish_hub(local: Path, marker: Path, uri: HfUri, token: str | None, *, message: str, latest: str | None = None) -> str:
+    """A run's outputs as one commit: the files of `local` under `uri`, and `marker` as `uri/_SUCCESS`, which thus
+    appears in the same instant as everything it vouches for. With `latest` (a folder of `local`, "adapter" or
+    "merged"), that folder's files also replace the artifact at the root of the output (the parent of `uri`), so that
+    the repository loads by its id, as `push_to_hub` would leave it. The commit is tagged with the run id (the last
+    part of `uri`): `revision=RUN_ID` loads that run's root. Returns the commit sha."""
+    from huggingface_hub import CommitOperationDelete, HfApi
+
+    api = HfApi(token=token)
+    run_id = PurePosixPath(uri.path).name
+    root = PurePosixPath(uri.path).parent.as_posix().strip(".")
+    try:
+        operations = _hf_adds(local, uri.path) + _hf_adds(marker, _hf_join(uri.path, "_SUCCESS"))
+        if latest:
+            new = _hf_adds(local / latest, root)
+            names = {op.path_in_repo for op in new}
+            prefix = root + "/" if root else ""
+            stale = [f for f in api.list_repo_files(uri.repo_id, repo_type=uri.repo_type, revision=uri.revision)
+                     if f.startswith(prefix) and "/" not in f[len(prefix) :] and f not in names
+                     and any(fnmatch.fnmatch(f[len(prefix) :], p) for p in HF_ARTIFACT_FILES)]
+            operations += new + [CommitOperationDelete(path_in_repo=f) for f in stale]
+        sha = _hf_commit(api, uri, operations, message)
+    except Exception as exc:
+        raise _hf_error(exc, uri, writing=True) from None
+    try:
+        api.create_tag(uri.repo_id, tag=run_id, revision=sha, tag_message=message, repo_type=uri.repo_type, exist_ok=True)
+    except Exception as exc:  # the outputs are complete without it; only the revision shortcut is missing
+        log.warning("could not tag %s at %s as %r: %s", uri.repo_id, sha[:12], run_id, type(exc).__name__)
+    log.info("committed run %s to %s at %s", run_id, uri.repo_id, sha)
+    return sha
+
+
+def _hf_exists(uri: HfUri, token: str | None) -> bool:
+    from huggingface_hub import HfApi
+
+    try:  # a missing repository or branch is "no" (file_exists says so itself)
+        return HfApi(token=token).file_exists(uri.repo_id, uri.path, repo_type=uri.repo_type, revision=uri.revision)
+    except Exception as exc:
+        raise _hf_error(exc, uri, writing=True) from None
+
+
+def _hf_list(uri: HfUri, token: str | None) -> list[str]:
+    from huggingface_hub import HfApi
+
+    try:
+        files = HfApi(token=token).list_repo_files(uri.repo_id, repo_type=uri.repo_type, revision=uri.revision)
+    except Exception as exc:
+        if type(exc).__name__ in ("RepositoryNotFoundError", "RevisionNotFoundError"):
+            return []
+        raise _hf_error(exc, uri, writing=True) from None
+    prefix = uri.path.rstrip("/") + "/" if uri.path else ""
+    return sorted(f[len(prefix) :] for f in files if f.startswith(prefix))
+
+
+def _hf_delete(uri: HfUri, token: str | None) -> None:
+    from huggingface_hub import HfApi
+
+    if _hf_list(uri, token):  # deleting what isn't there is an error on the Hub, and would be an empty commit
+        HfApi(token=token).delete_folder(uri.path, repo_id=uri.repo_id, repo_type=uri.repo_type, revision=uri.revision,
+                                         commit_message=f"qlora-job: delete {uri.path}")
 
 
 # ---------------------------------------------------------------------------------------------------------- API
@@ -317,8 +459,18 @@ def pull(uri: Uri, dest: Path, include: list[str] | None = None, token: str | No
     return _hf_pull(uri, dest, include, token)
 
 
-def push(src: Path, uri: Uri, token: str | None = None) -> None:
-    """Upload a file or a directory tree to `uri` (a key or prefix); overwrites what is there."""
+def prepare_output(uri: Uri, token: str | None = None, *, private: bool = True) -> None:
+    """Before anything is downloaded: make sure the run can write its outputs. For hf:// this creates the repository
+    if it is missing (private unless `private` is False), and its branch if the URI names one, then checks the
+    token's write access, so that a missing or read-only HF_TOKEN fails the run before training, not after it.
+    S3 and local outputs are not checked here (their first write reports the same errors)."""
+    if isinstance(uri, HfUri):
+        _hf_prepare(uri, token, private)
+
+
+def push(src: Path, uri: Uri, token: str | None = None, *, message: str | None = None) -> None:
+    """Upload a file or a directory tree to `uri` (a key or prefix); overwrites what is there. On the Hub it is one
+    commit, with `message`."""
     log.info("uploading %s -> %s", src, uri)
     if isinstance(uri, LocalUri):
         if src.is_file():
@@ -329,7 +481,7 @@ def push(src: Path, uri: Uri, token: str | None = None) -> None:
     elif isinstance(uri, S3Uri):
         _s3_push(src, uri)
     else:
-        _hf_push(src, uri, token)
+        _hf_push(src, uri, token, message)
 
 
 def exists(uri: Uri, token: str | None = None) -> bool:
@@ -348,14 +500,7 @@ def exists(uri: Uri, token: str | None = None) -> bool:
             raise _s3_error(exc, uri) from None
         except _s3_errors() as exc:
             raise _s3_error(exc, uri) from None
-    from huggingface_hub import HfApi
-
-    try:
-        return HfApi(token=token).file_exists(uri.repo_id, uri.path, repo_type=uri.repo_type, revision=uri.revision)
-    except Exception as exc:
-        if "RepositoryNotFound" in type(exc).__name__:
-            return False
-        raise _hf_error(exc, uri) from None
+    return _hf_exists(uri, token)
 
 
 def list_names(uri: Uri, token: str | None = None) -> list[str]:
@@ -369,16 +514,7 @@ def list_names(uri: Uri, token: str | None = None) -> list[str]:
             return sorted(o["rel"] for o in _s3_list(_s3(), uri))
         except _s3_errors() as exc:
             raise _s3_error(exc, uri) from None
-    from huggingface_hub import HfApi
-
-    try:
-        files = HfApi(token=token).list_repo_files(uri.repo_id, repo_type=uri.repo_type, revision=uri.revision)
-    except Exception as exc:
-        if "RepositoryNotFound" in type(exc).__name__:
-            return []
-        raise _hf_error(exc, uri) from None
-    prefix = uri.path.rstrip("/") + "/" if uri.path else ""
-    return sorted(f[len(prefix) :] for f in files if f.startswith(prefix))
+    return _hf_list(uri, token)
 
 
 def delete(uri: Uri, token: str | None = None) -> None:
@@ -392,9 +528,7 @@ def delete(uri: Uri, token: str | None = None) -> None:
             for i in range(0, len(keys), 1000):
                 client.delete_objects(Bucket=uri.bucket, Delete={"Objects": keys[i : i + 1000]})
         else:
-            from huggingface_hub import HfApi
-
-            HfApi(token=token).delete_folder(uri.path, repo_id=uri.repo_id, repo_type=uri.repo_type, revision=uri.revision)
+            _hf_delete(uri, token)
     except Exception as exc:  # a leftover old checkpoint costs storage, not correctness
         log.warning("could not delete %s: %s", uri, type(exc).__name__)
 
@@ -458,9 +592,12 @@ def identify(uri: Uri, include: list[str] | None = None, token: str | None = Non
             "pinned": str(HfUri(uri.repo_id, uri.repo_type, info.sha, uri.path))}
 
 
-def probe_write(uri: Uri, token: str | None = None) -> None:
-    """Write and delete a small object under `uri`, so that an output that can't be written fails before training.
-    Raises the storage error (ConfigError for access denied, TransientError, ...) or OSError for local paths."""
+def probe_write(uri: Uri, token: str | None = None, *, private: bool = True, dry: bool = False) -> None:
+    """Before anything is downloaded: make sure the run can write its outputs, so that an output that can't be written
+    fails before training. Local and S3: write and delete a small object under `uri`. Hub: create the repository if
+    missing (private unless `private` is False) and its branch, and check the token's write access (`dry`, for
+    --check: create nothing, check what can be checked). Raises the storage error (ConfigError for access denied,
+    TransientError, ...) or OSError for local paths."""
     import secrets as _secrets
 
     name = f".qlora-job-write-probe-{_secrets.token_hex(4)}"
@@ -485,11 +622,22 @@ def probe_write(uri: Uri, token: str | None = None) -> None:
         except (BotoCoreError, ClientError) as exc:
             raise _s3_error(exc, uri) from None
         return
-    from huggingface_hub import HfApi
+    if not dry:  # the repository (and branch) the run will commit to, created now, and write access checked
+        _hf_prepare(uri, token, private)
+        return
+    from huggingface_hub import HfApi, get_token
 
-    if not token:
-        raise ConfigError(f"{uri}: writing to the Hugging Face Hub needs HF_TOKEN (a token with write access)")
+    if not (token or get_token()):
+        raise ConfigError(f"{uri}: writing to the Hub needs a token with write access: set HF_TOKEN")
+    api = HfApi(token=token)
     try:
-        HfApi(token=token).whoami()  # a commit would be the only true probe; a valid token is what can be checked cheaply
+        try:
+            api.repo_info(uri.repo_id, repo_type=uri.repo_type)
+        except Exception as exc:
+            if type(exc).__name__ != "RepositoryNotFoundError":
+                raise
+            api.whoami()  # --check creates nothing: a repository that doesn't exist yet needs a valid token
+        else:
+            api.auth_check(uri.repo_id, repo_type=uri.repo_type, write=True)
     except Exception as exc:
-        raise _hf_error(exc, uri) from None
+        raise _hf_error(exc, uri, writing=True) from None

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Submit one fine-tuning run to Kubernetes: render an overlay of k8s/ with the chosen env file and image, give the
-# Job (or JobSet) a unique name, which is also the run id, and create it. Needs bash, awk and kubectl; usable from
+# Job (or JobSet, or Kubeflow TrainJob) a unique name, which is also the run id, and create it. Needs bash, awk and kubectl; usable from
 # any CI. See docs/kubernetes.md.
 set -euo pipefail
 
@@ -14,8 +14,8 @@ Usage: k8s/submit.sh [options] ENV_FILE [IMAGE] [NAME=VALUE ...]
   NAME=VALUE      overrides a setting of ENV_FILE, e.g. JOB_TRAIN__LEARNING_RATE=1e-4 (repeatable)
 
 Options:
-  --overlay NAME|DIR    sft, dpo, sweep, multigpu, multinode (k8s/overlays/NAME), or a directory holding your own
-                        kustomization built on one of them. Default: JOB_STAGE of ENV_FILE (sft or dpo).
+  --overlay NAME|DIR    sft, dpo, sweep, multigpu, multinode, trainjob (k8s/overlays/NAME), or a directory holding
+                        your own kustomization built on one of them. Default: JOB_STAGE of ENV_FILE (sft or dpo).
   --sft-run RUN_ID      set JOB_ADAPTER to JOB_OUTPUT/RUN_ID/adapter/ (a DPO run on top of that SFT run)
   --suffix SUFFIX       name suffix: the run id is <overlay's name>-SUFFIX (default: UTC time and 4 random hex
                         digits). Lowercase letters, digits and '-'.
@@ -165,6 +165,12 @@ fi
         done
     fi
     echo "nameSuffix: -$suffix"
+    # A TrainJob's runtime must exist before it (Trainer's webhook checks); kustomize sorts only at the top level.
+    echo "sortOptions:"
+    echo "  order: legacy"
+    echo "  legacySortOptions:"
+    echo "    orderFirst: [ConfigMap, TrainingRuntime]"
+    echo "    orderLast: [TrainJob]"
     [ -z "$namespace" ] || echo "namespace: $namespace"
     echo "configMapGenerator:"
     echo "- name: qlora-job-config"
@@ -190,16 +196,22 @@ fi
         fi
     fi
     echo "patches:"
-    # The labels transformer does not know where a JobSet keeps its pod template.
+    # The labels transformer does not know where a JobSet or a TrainingRuntime keeps its pod template.
     echo "- target:"
     echo "    kind: JobSet"
     echo "  patch: |-"
     echo "    - op: add"
     echo "      path: /spec/replicatedJobs/0/template/spec/template/metadata/labels/qlora-job~1stage"
     echo "      value: $stage"
+    echo "- target:"
+    echo "    kind: TrainingRuntime"
+    echo "  patch: |-"
+    echo "    - op: add"
+    echo "      path: /spec/template/spec/replicatedJobs/0/template/spec/template/metadata/labels/qlora-job~1stage"
+    echo "      value: $stage"
     if [ -n "$queue" ]; then
         [[ "$queue" =~ ^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$ ]] || die "--queue: not a LocalQueue name: '$queue'"
-        for kind in Job JobSet; do
+        for kind in Job JobSet TrainJob; do
             echo "- target:"
             echo "    kind: $kind"
             echo "  patch: |-"
@@ -214,7 +226,8 @@ rendered="$tmp/rendered.yaml"
 "$KUBECTL" kustomize --load-restrictor LoadRestrictionsNone "$tmp" > "$rendered" \
     || die "kustomize failed for overlay '$overlay'"
 
-# kind and name of the workload (Job or JobSet) and the names of the ConfigMaps it uses
+# kind and name of the workload (Job, JobSet or TrainJob) and the names of the ConfigMaps (and the TrainingRuntime) it
+# uses
 manifest_names() {
     awk -v want="$1" '
         /^---/ { kind = ""; inmeta = 0; next }
@@ -224,12 +237,16 @@ manifest_names() {
         inmeta && /^  name: / && kind ~ want { print kind, $2; inmeta = 0 }
     ' "$rendered"
 }
-read -r kind name < <(manifest_names '^(Job|JobSet)$') || die "overlay '$overlay' has no Job or JobSet"
+read -r kind name < <(manifest_names '^(Job|JobSet|TrainJob)$') || die "overlay '$overlay' has no Job, JobSet or TrainJob"
 configmaps="$(manifest_names '^ConfigMap$' | awk '{ print $2 }')"
+runtimes="$(manifest_names '^TrainingRuntime$' | awk '{ print $2 }')"
 case "$kind" in
     Job) resource="job.batch"; api_version="batch/v1"; pod_label="batch.kubernetes.io/job-name" ;;
     JobSet) resource="jobset.jobset.x-k8s.io"; api_version="jobset.x-k8s.io/v1alpha2"
             pod_label="jobset.sigs.k8s.io/jobset-name" ;;
+    # Trainer runs a TrainJob as a JobSet of the same name.
+    TrainJob) resource="trainjob.trainer.kubeflow.org"; api_version="trainer.kubeflow.org/v1alpha1"
+              pod_label="jobset.sigs.k8s.io/jobset-name" ;;
 esac
 if [ -z "$image" ] || [[ "$image" == "$placeholder_image"* ]]; then
     [ "$dry_run" = 1 ] || die "give the image: k8s/submit.sh ENV_FILE IMAGE (or set QLORA_IMAGE)"
@@ -262,13 +279,19 @@ esac
 # `create`, not `apply`: a name that exists already is an error, never a silent reuse of another run's id.
 "$KUBECTL" create "${ns_args[@]+"${ns_args[@]}"}" -f "$rendered" >&2  # stdout: only the run id
 
-# The ConfigMaps belong to this run: let the garbage collector delete them with the Job (ttlSecondsAfterFinished).
+# The ConfigMaps (and a TrainJob's runtime) belong to this run: let the garbage collector delete them with the Job
+# (ttlSecondsAfterFinished; a TrainJob when you delete it).
 uid="$("$KUBECTL" get "${ns_args[@]+"${ns_args[@]}"}" "$resource/$name" -o jsonpath='{.metadata.uid}')" || uid=""
 if [ -n "$uid" ]; then
     owner="{\"metadata\":{\"ownerReferences\":[{\"apiVersion\":\"$api_version\",\"kind\":\"$kind\",\"name\":\"$name\",\"uid\":\"$uid\"}]}}"
     for cm in $configmaps; do
         "$KUBECTL" patch "${ns_args[@]+"${ns_args[@]}"}" configmap "$cm" --type=merge -p "$owner" >/dev/null \
             || note "warning: could not make $kind $name the owner of ConfigMap $cm (delete it yourself later)"
+    done
+    for rt in $runtimes; do
+        "$KUBECTL" patch "${ns_args[@]+"${ns_args[@]}"}" trainingruntime.trainer.kubeflow.org "$rt" --type=merge \
+            -p "$owner" >/dev/null \
+            || note "warning: could not make $kind $name the owner of TrainingRuntime $rt (delete it yourself later)"
     done
 fi
 
@@ -281,6 +304,9 @@ submit.sh: submitted $kind $name
             $kc get pods -l $pod_label=$name
             $kc logs -f -l $pod_label=$name --max-log-requests 16
 EOF
+if [ "$kind" = TrainJob ]; then
+    echo "  progress: $kc get $resource $name -o jsonpath='{.status.trainerStatus}'" >&2
+fi
 if [ "$stage" = sft ] && [ "$overlay" != sweep ]; then
     echo "  then DPO: k8s/submit.sh --sft-run $name docker/dpo.env ${image:-IMAGE}" >&2
 fi
@@ -289,7 +315,7 @@ echo "$name"
 [ "$wait" = 1 ] || exit 0
 
 # --- wait for the outcome -----------------------------------------------------------------------------------------
-case "$kind" in Job) done_type=Complete ;; JobSet) done_type=Completed ;; esac
+case "$kind" in Job | TrainJob) done_type=Complete ;; JobSet) done_type=Completed ;; esac
 poll="${QLORA_POLL_SECONDS:-30}"
 start=$SECONDS
 while :; do

@@ -1,10 +1,16 @@
-"""End to end through the Hugging Face Hub read path (hf://): `python -m job` subprocesses with HF_ENDPOINT pointing at
-a fake Hub on loopback (tests/fake_hub.py) that serves a private model repo and a private dataset repo."""
+"""End to end through the Hugging Face Hub (hf://): `python -m job` subprocesses with HF_ENDPOINT pointing at a fake Hub
+on loopback (tests/fake_hub.py) that serves a private model repo and a private dataset repo and takes uploads the way
+huggingface_hub sends them (repo creation, preupload, LFS, commit, tag)."""
 
+import hashlib
 import json
+import re
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 from job.exitcodes import ExitCode
 
@@ -15,9 +21,12 @@ MODEL = "org/tiny-llama"
 DATASET = "org/qa"
 
 
+READ_ONLY = "hf_READonlyTOKEN1234567890abcd"
+
+
 @pytest.fixture
 def hub(tiny_model):
-    with FakeHub(token=FAKE_SECRET) as hub:
+    with FakeHub(token=FAKE_SECRET, read_token=READ_ONLY) as hub:
         hub.model = hub.add_repo("model", MODEL, tiny_model, private=True)
         hub.dataset = hub.add_repo("dataset", DATASET, DEMO_DATA, private=True)
         yield hub
@@ -43,6 +52,9 @@ def hub_env(hub, tmp_path, **extra):
     )
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         env.pop(name, None)
+    # The fake Hub takes uploads through LFS; with hf_xet installed (the image has it) huggingface_hub would upload to
+    # a Xet storage server instead, which the fake does not implement.
+    env["HF_HUB_DISABLE_XET"] = "1"
     for k, v in extra.items():
         if v is None:
             env.pop(k, None)
@@ -136,3 +148,224 @@ def test_revision_pins_are_used_and_recorded(hub, tmp_path):
     model_files = [q.path for q in hub.requests if q.path.startswith(f"/{MODEL}/resolve/")]
     assert model_files and all(p.startswith(f"/{MODEL}/resolve/{old}/") for p in model_files)
     assert_no_secret(tmp_path, r)
+
+
+# --- pushing to the Hub ---------------------------------------------------------------------------------------------
+
+RUNS = "org/runs"
+
+#: What a user runs after the job: the seed's loading code against the Hub, by repo id (HF_ENDPOINT: the fake Hub).
+LOAD_BY_ID = """
+import json, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+ids = torch.tensor([[1, 5, 9, 12, 40, 77]])
+base = lambda: AutoModelForCausalLM.from_pretrained("org/tiny-llama")
+with torch.no_grad():
+    out = {"base": base()(ids).logits,
+           "subfolder": PeftModel.from_pretrained(base(), "org/runs", subfolder="sft-1/adapter")(ids).logits,
+           "latest": PeftModel.from_pretrained(base(), "org/runs")(ids).logits,
+           "revision": PeftModel.from_pretrained(base(), "org/runs", revision="sft-1")(ids).logits}
+print(json.dumps({k: v.tolist() for k, v in out.items()}))
+"""
+
+
+def python(code: str, env: dict, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def snippet(card: str) -> str:
+    """The Python block of a model card, exactly as written."""
+    return re.search(r"```python\n(.*?)```", card, re.S).group(1)
+
+
+def commit_files(hub, sha=None) -> dict[str, bytes]:
+    repo = hub.repo(RUNS)
+    return repo.commit(sha or repo.sha).files
+
+
+def test_sft_pushes_one_commit_to_a_new_private_repo_that_loads_by_id_and_dpo_continues_from_it(hub, tmp_path):
+    assert hub.repo(RUNS) is None
+    sft = run_job(hub_env(hub, tmp_path / "sft", JOB_OUTPUT=f"hf://{RUNS}", JOB_RUN_ID="sft-1",
+                          JOB_TRAIN__LEARNING_RATE="5e-2", JOB_TRAIN__MAX_STEPS="3"))
+    assert sft.returncode == 0, sft.stderr[-3000:]
+    repo = hub.repo(RUNS)
+    assert repo.private  # JOB_HUB_PRIVATE's default
+    # One commit for the whole run, after the one the Hub makes when it creates a repo; named and tagged after the run.
+    assert [c.message for c in repo.log] == ["initial commit", "qlora-job sft sft-1"]
+    sft_commit = repo.log[-1]
+    assert repo.refs["main"] == repo.refs["sft-1"] == sft_commit.sha
+    files = sft_commit.files
+    run_files = {"_SUCCESS", "metrics.json", "metrics.jsonl", "run.json", "adapter/adapter_model.safetensors",
+                 "adapter/adapter_config.json", "adapter/README.md", "adapter/prompt_format.json",
+                 "adapter/tokenizer.json", "adapter/tokenizer_config.json", "adapter/chat_template.jinja"}
+    assert {f"sft-1/{f}" for f in run_files} <= set(files)
+    assert not [f for f in files if "/checkpoints/" in f]
+    # The repository's root holds the adapter too, so that it loads by the repo's id alone.
+    for name in ("adapter_model.safetensors", "adapter_config.json", "README.md", "tokenizer.json"):
+        assert files[name] == files[f"sft-1/adapter/{name}"], name
+    # Weights went through LFS (batch API, upload, verify), small text files inline.
+    weights = files["sft-1/adapter/adapter_model.safetensors"]
+    assert hashlib.sha256(weights).hexdigest() in hub.lfs_objects
+    assert "sft-1/adapter/adapter_model.safetensors" in sft_commit.lfs and "sft-1/run.json" not in sft_commit.lfs
+    # The adapter names its base by the public id, not the pod's download folder.
+    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == MODEL
+    assert f"\nbase_model: {MODEL}\n" in files["README.md"].decode()
+    writes = [q for q in hub.requests if q.method in ("POST", "PUT") and not q.path.startswith("/lfs-objects/")]
+    assert {q.authorization for q in writes} == {f"Bearer {FAKE_SECRET}"}
+    assert not any(FAKE_SECRET.encode() in data for data in files.values())
+    assert FAKE_SECRET not in sft.stderr + sft.stdout
+
+    # A user loads it as the seed does: by repo id, with a subfolder (this run) or a revision (the run's tag).
+    user_env = {k: v for k, v in hub_env(hub, tmp_path / "user").items() if not k.startswith("JOB_")}
+    loaded = python(LOAD_BY_ID, user_env)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    logits = {k: torch.tensor(v) for k, v in json.loads(loaded.stdout).items()}
+    assert torch.equal(logits["subfolder"], logits["latest"]) and torch.equal(logits["subfolder"], logits["revision"])
+    assert (logits["subfolder"] - logits["base"]).abs().max() > 1e-3  # the adapter is there and does something
+    # The model card's snippet runs as written, against the Hub.
+    card = python(snippet(files["sft-1/adapter/README.md"].decode()), user_env)
+    assert card.returncode == 0, card.stderr[-3000:]
+    assert 'subfolder="sft-1/adapter"' in files["README.md"].decode()
+
+    # DPO starts from the repo, as the seed's second notebook does, and pushes to the same repo.
+    dpo = run_job(hub_env(hub, tmp_path / "dpo", JOB_STAGE="dpo", JOB_DATA=f"hf://datasets/{DATASET}/dpo.csv",
+                          JOB_ADAPTER=f"hf://{RUNS}", JOB_OUTPUT=f"hf://{RUNS}", JOB_RUN_ID="dpo-1"))
+    assert dpo.returncode == 0, dpo.stderr[-3000:]
+    assert [c.message for c in repo.log][-1] == "qlora-job dpo dpo-1" and len(repo.log) == 3
+    files = commit_files(hub)
+    run = json.loads(files["dpo-1/run.json"])
+    assert run["inputs"]["adapter"] == {"uri": f"hf://{RUNS}", "revision": sft_commit.sha}
+    assert run["prompt_format"] == json.loads(commit_files(hub, sft_commit.sha)["sft-1/run.json"])["prompt_format"]
+    assert files["adapter_model.safetensors"] == files["dpo-1/adapter/adapter_model.safetensors"] != weights
+    assert files["sft-1/adapter/adapter_model.safetensors"] == weights  # the SFT run stays where it was
+    assert repo.refs["sft-1"] == sft_commit.sha and repo.refs["dpo-1"] == repo.sha
+    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == MODEL
+
+
+def test_push_errors_fail_before_any_download_with_their_exit_codes(hub, tmp_path):
+    hub.add_repo("model", RUNS, DEMO_DATA, private=True)
+    wrong = "hf_WRONGtoken0987654321zyxwvu"
+    local_data = str(DEMO_DATA / "sft.jsonl")
+    read_only, new_repo, bad, anonymous, public = run_jobs(
+        hub_env(hub, tmp_path / "ro", HF_TOKEN=READ_ONLY, JOB_OUTPUT=f"hf://{RUNS}", JOB_DATA=local_data),
+        hub_env(hub, tmp_path / "new", HF_TOKEN=READ_ONLY, JOB_OUTPUT="hf://org/new-runs", JOB_DATA=local_data),
+        hub_env(hub, tmp_path / "bad", HF_TOKEN=wrong, JOB_OUTPUT=f"hf://{RUNS}", JOB_BASE_MODEL=str(DEMO_DATA)),
+        hub_env(hub, tmp_path / "anon", HF_TOKEN=None, JOB_OUTPUT="hf://org/anon-runs", JOB_DATA=local_data),
+        # A public repo on request; the run then fails on its data (exit 3), after the repo was made.
+        hub_env(hub, tmp_path / "pub", JOB_OUTPUT="hf://org/public-runs", JOB_HUB_PRIVATE="false",
+                JOB_DATA=str(tmp_path / "no-such.jsonl")),
+    )
+    # A token that may read but not write: the existing repo, and a repo it would have to create.
+    for r, repo_id in ((read_only, RUNS), (new_repo, "org/new-runs")):
+        assert r.returncode == ExitCode.CONFIG, r.stderr[-3000:]
+        assert f"hf://{repo_id}: HF_TOKEN has no write access to {repo_id} (403)" in r.stderr
+        assert "Traceback" not in r.stderr and READ_ONLY not in r.stderr + r.stdout
+    assert hub.repo("org/new-runs") is None
+    # A token the Hub doesn't know; no token at all.
+    assert bad.returncode == ExitCode.CONFIG, bad.stderr[-3000:]
+    assert f"hf://{RUNS}/r1/_SUCCESS: the Hub refused HF_TOKEN (401)" in bad.stderr and wrong not in bad.stderr
+    assert anonymous.returncode == ExitCode.CONFIG, anonymous.stderr[-3000:]
+    assert "hf://org/anon-runs: writing to the Hub needs a token with write access: set HF_TOKEN" in anonymous.stderr
+    # None of them downloaded the model or wrote anything.
+    assert not [q for q in hub.requests if f"/{MODEL}/resolve/" in q.path]
+    assert [c.message for c in hub.repo(RUNS).log] == ["v1", "main"]
+    assert public.returncode == ExitCode.DATA, public.stderr[-3000:]
+    assert not hub.repo("org/public-runs").private
+    assert list(hub.repo("org/public-runs").files()) == [".gitattributes"]
+
+
+def test_offline_runs_use_the_cache_and_a_cache_miss_is_permanent(hub, tmp_path):
+    local_data = str(DEMO_DATA / "sft.jsonl")
+    online = run_job(hub_env(hub, tmp_path, JOB_DATA=local_data), "--check")  # caches the tokenizer and config only
+    assert online.returncode == 0, online.stderr[-3000:]
+    before = len(hub.requests)
+    offline = {"HF_HUB_OFFLINE": "1", "JOB_DATA": local_data}
+    with ThreadPoolExecutor(3) as pool:
+        check, partial, missing = pool.map(lambda a: run_job(*a), [
+            (hub_env(hub, tmp_path, **offline), "--check"),
+            (hub_env(hub, tmp_path, **offline),),  # the weights were never downloaded
+            (hub_env(hub, tmp_path, **offline, JOB_BASE_MODEL="hf://org/never-downloaded"),),
+        ])
+    assert check.returncode == 0, check.stderr[-3000:]
+    for r, uri in ((partial, f"hf://{MODEL}"), (missing, "hf://org/never-downloaded")):
+        # Retrying can't fill the cache: a model problem (exit 4), not a transient one (75).
+        assert r.returncode == ExitCode.MODEL, r.stderr[-3000:]
+        assert f"JOB_BASE_MODEL: {uri}: not in the local Hugging Face cache" in r.stderr
+        assert "offline mode is on (HF_HUB_OFFLINE=1)" in r.stderr and "Traceback" not in r.stderr
+    assert len(hub.requests) == before  # offline means offline
+
+
+@pytest.fixture
+def hub_in_process(monkeypatch):
+    """A fake Hub for code running in this process: huggingface_hub read HF_ENDPOINT when it was imported."""
+    from huggingface_hub import constants
+
+    with FakeHub(token=FAKE_SECRET) as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        yield hub
+
+
+@pytest.mark.parametrize("prefix", ["", "experiments"])
+def test_each_publish_is_one_commit_and_replaces_the_artifact_at_the_output_root(tmp_path, hub_in_process, prefix):
+    """In process: an adapter run, then a merge run, to the same output. The root (of the repo, or of the output's
+    folder) holds the latest run's artifact only, so it never mixes an adapter with a merged model; the user's other
+    files stay; every run keeps its own folder."""
+    from job import outputs, storage
+    from job.storage import HfUri
+
+    hub = hub_in_process
+
+    def run_folder(name, stage, artifact, files):
+        local = tmp_path / name / "out"
+        (local / artifact).mkdir(parents=True)
+        for f, content in files.items():
+            (local / artifact / f).write_bytes(content)
+        (local / "run.json").write_text(json.dumps({"stage": stage}))
+        return local
+
+    output = HfUri("org/serve", "model", None, prefix)
+    storage.prepare_output(output, FAKE_SECRET)
+    storage.push(DEMO_DATA / "sft.jsonl", output.join("NOTES.jsonl"), FAKE_SECRET, message="the user's own file")
+    sft = run_folder("sft", "sft", "adapter", {"adapter_config.json": b"{}", "adapter_model.safetensors": b"A" * 64,
+                                                "tokenizer.json": b"{}", "README.md": b"# adapter\n"})
+    outputs.publish(sft, output.join("sft-1"), FAKE_SECRET)
+    merged = run_folder("merge", "merge", "merged", {"config.json": b"{}", "model.safetensors": b"M" * 64,
+                                                      "tokenizer.json": b'{"v": 2}', "README.md": b"# merged\n"})
+    outputs.publish(merged, output.join("merge-1"), FAKE_SECRET)
+
+    repo = hub.repo("org/serve")
+    assert [c.message for c in repo.log] == ["initial commit", "the user's own file", "qlora-job sft sft-1",
+                                             "qlora-job merge merge-1"]
+    root = f"{prefix}/" if prefix else ""
+    files = repo.files()
+    at_root = {f[len(root):] for f in files if f.startswith(root) and "/" not in f[len(root):]}
+    assert at_root - {".gitattributes"} == {"NOTES.jsonl", "config.json", "model.safetensors", "tokenizer.json",
+                                             "README.md"}
+    assert files[f"{root}tokenizer.json"] == b'{"v": 2}' and files[f"{root}README.md"] == b"# merged\n"
+    for run, names in (("sft-1", ("adapter/adapter_model.safetensors", "_SUCCESS")),
+                       ("merge-1", ("merged/model.safetensors", "run.json", "_SUCCESS"))):
+        for name in names:
+            assert f"{root}{run}/{name}" in files
+    assert repo.commit(repo.refs["sft-1"]).files[f"{root}adapter_model.safetensors"] == b"A" * 64
+    assert repo.refs["merge-1"] == repo.sha
+
+
+def test_an_output_on_a_branch_is_created_and_committed_there(tmp_path, hub_in_process):
+    from job import outputs, storage
+    from job.storage import HfUri
+
+    hub = hub_in_process
+    output = HfUri("org/exp", "model", "ablation", "")
+    assert not storage.exists(output.join("r1", "_SUCCESS"), FAKE_SECRET)  # no repo yet: not done, not an error
+    storage.prepare_output(output, FAKE_SECRET)
+    local = tmp_path / "out"
+    (local / "adapter").mkdir(parents=True)
+    (local / "adapter" / "adapter_config.json").write_text("{}")
+    outputs.publish(local, output.join("r1"), FAKE_SECRET)
+    repo = hub.repo("org/exp")
+    assert "r1/_SUCCESS" in repo.files("ablation") and "r1/_SUCCESS" not in repo.files("main")
+    assert storage.exists(output.join("r1", "_SUCCESS"), FAKE_SECRET)

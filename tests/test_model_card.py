@@ -1,0 +1,79 @@
+"""The adapter's model card (README.md beside the weights): its usage snippet runs as written on the installed
+transformers, and the adapter names its base model by a name that means something outside the pod."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from job import outputs
+
+from conftest import job_env
+
+
+def snippet(card: str) -> str:
+    return re.search(r"```python\n(.*?)```", card, re.S).group(1)
+
+
+def run_python(code: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=job_env(), capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def trained(tiny_model):
+    """A PEFT model and tokenizer as a stage leaves them (the job's instruction format as chat template)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from job.model import INSTRUCTION_TEMPLATE
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM"))
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.chat_template = INSTRUCTION_TEMPLATE
+    return model, tok
+
+
+def test_the_card_snippet_runs_as_written(trained, tiny_model, tmp_path):
+    model, tok = trained
+    runs = tmp_path / "runs"
+    dest = runs / "r1" / "adapter"  # where JOB_OUTPUT=runs puts run r1's adapter
+    outputs.write_adapter(dest, model, tok, "instruction", base=str(tiny_model), data="s3://bucket/sft.jsonl",
+                          run_id="r1", stage="sft", output=str(runs))
+    code = snippet((dest / "README.md").read_text())
+    assert f'adapter = "{dest.resolve()}"' in code
+    (tmp_path / "elsewhere").mkdir()
+    ran = run_python(code, cwd=tmp_path / "elsewhere")  # the path it names is absolute
+    assert ran.returncode == 0, ran.stderr[-3000:]
+
+    # Control: the card's former usage (apply_chat_template's result straight into generate) fails on this
+    # transformers, so a snippet that still did it would fail above.
+    old = code.split("inputs = tok.apply_chat_template")[0] + (
+        'ids = tok.apply_chat_template([{"role": "user", "content": "質問"}], add_generation_prompt=True, '
+        'return_tensors="pt")\nmodel.generate(ids, max_new_tokens=4)\n')
+    broken = run_python(old, cwd=tmp_path)
+    assert broken.returncode != 0 and "AttributeError" in broken.stderr
+
+
+@pytest.mark.parametrize("base,recorded,revision,metadata", [
+    ("hf://org/base-model@v1", "org/base-model", "v1", "base_model: org/base-model"),
+    ("org/base-model", "org/base-model", None, "base_model: org/base-model"),
+    ("s3://bucket/models/base/", "s3://bucket/models/base/", None, None),
+])
+def test_the_adapter_names_its_base_not_the_download_folder(trained, tmp_path, base, recorded, revision, metadata):
+    """PEFT records the folder the base was loaded from: in a pod, a scratch folder that is gone after the run."""
+    model, tok = trained
+    dest = tmp_path / "adapter"
+    outputs.write_adapter(dest, model, tok, "instruction", base=base, data="d.jsonl", run_id="r1", stage="sft",
+                          output="hf://org/runs")
+    config = json.loads((dest / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == recorded and config.get("revision") == revision
+    card = (dest / "README.md").read_text()
+    header = card.split("---")[1]
+    # The Hub accepts only a model id as base_model (and links the adapter to it); an S3 URI stays out of the header.
+    assert (metadata in header) if metadata else ("base_model" not in header)
+    assert 'PeftModel.from_pretrained(base, adapter, subfolder="r1/adapter")' in card and 'adapter = "org/runs"' in card
