@@ -18,7 +18,7 @@ from pathlib import Path
 
 from job import preflight, storage
 from job.checkpoints import CheckpointCallback, StopSignal, pull_latest
-from job.errors import ModelError, OutOfMemory, Preempted
+from job.errors import OutOfMemory, Preempted
 from job.settings import JobSettings
 
 log = logging.getLogger("job")
@@ -72,7 +72,7 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
 
     # 3. The weights (safetensors only), at the revision identified in 1.
     with _first_process_per_node():
-        base_dir = _pull_weights(s, plan)
+        base_dir = preflight.pull_weights(s, plan.models)
 
     # 4. Train: TRL owns the loop; a retried pod continues from the last uploaded checkpoint of this run.
     trainer, result, resume_from = _train(s, plan, base_dir, stop, progress_bar)
@@ -110,20 +110,6 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return str(remote)
-
-
-def _pull_weights(s: JobSettings, plan: preflight.Plan) -> Path:
-    from job.model import MODEL_FILES
-
-    try:
-        base_dir, _ = storage.pull(plan.base_uri, plan.workdir / "model", include=MODEL_FILES, token=preflight.token(s))
-    except Exception as exc:
-        from job.errors import DataError
-
-        if isinstance(exc, DataError):  # gone since preflight identified it
-            raise ModelError(f"JOB_BASE_MODEL: {exc}") from None
-        raise
-    return base_dir
 
 
 def _train(s: JobSettings, plan: preflight.Plan, base_dir: Path, stop: StopSignal, progress_bar: bool):

@@ -55,7 +55,7 @@ class Plan:
     remote: storage.Uri
     workdir: Path
     inputs: Inputs
-    base_uri: storage.Uri  # pinned to the identified revision
+    models: Models
     base_dir: Path  # holds the small files now; the weights join them later
     adapter_dir: Path | None
     model_identity: dict
@@ -84,18 +84,20 @@ def check_writable(s: JobSettings, remote: storage.Uri, workdir: Path, *, output
         probe.write_bytes(b"probe\n")
         probe.unlink()
     except OSError as exc:
-        raise ConfigError(f"JOB_WORKDIR={s.workdir}: can't write scratch files there ({exc.strerror or exc}); "
+        raise ConfigError(f"JOB_WORKDIR: {s.workdir}: can't write scratch files there ({exc.strerror or exc}); "
                           "set JOB_WORKDIR to a writable directory (a volume in a container)") from None
     if not output:  # only the process that uploads (rank 0) probes the output
         return
+    # The Hub's checks concern the repository (created now if missing); elsewhere a probe under the run's prefix.
+    target = storage.parse_uri(s.output) if isinstance(remote, storage.HfUri) else remote
     try:
-        storage.probe_write(remote, token(s), private=s.hub_private, dry=dry)
+        storage.probe_write(target, token(s), private=s.hub_private, dry=dry)
     except OSError as exc:
-        raise ConfigError(f"JOB_OUTPUT={s.output}: can't write {remote} ({exc.strerror or exc})") from None
+        raise ConfigError(f"JOB_OUTPUT: {s.output}: can't write {remote} ({exc.strerror or exc})") from None
     except DataError as exc:  # e.g. the bucket does not exist
-        raise ConfigError(f"JOB_OUTPUT={s.output}: {exc}") from None
+        raise ConfigError(f"JOB_OUTPUT: {exc}") from None
     except JobError as exc:
-        exc.args = (f"JOB_OUTPUT={s.output}: {exc}",)
+        exc.args = (f"JOB_OUTPUT: {exc}",)
         raise
 
 
@@ -142,18 +144,52 @@ def identify_models(s: JobSettings) -> tuple[storage.Uri, dict, storage.Uri | No
 
     base_uri, base = ident("JOB_BASE_MODEL", s.base_model, MODEL_FILES)
     names = base.pop("files") if "revision" in base else base["files"]  # a Hub commit pins every file already
-    if not any(n.endswith(".safetensors") for n in names):
+    if names is not None and not any(n.endswith(".safetensors") for n in names):  # None: offline, the cache decides
         raise ModelError(f"JOB_BASE_MODEL: {s.base_model} has no *.safetensors weights (pickled .bin/.pt weights are "
                          "not loaded)" + ("" if names else ": no model files at all"))
     if not s.adapter:
         return base_uri, base, None, None
     adapter_uri, adapter = ident("JOB_ADAPTER", s.adapter, ADAPTER_FILES)
-    names = set(adapter.pop("files") if "revision" in adapter else adapter["files"])
+    names = adapter.pop("files") if "revision" in adapter else adapter["files"]
+    if names is None:  # offline: the cache has it or the pull fails with a clear error
+        return base_uri, base, adapter_uri, adapter
     if "adapter_config.json" not in names:
         raise ModelError(f"JOB_ADAPTER: {s.adapter} is not a PEFT adapter (no adapter_config.json in it)")
     if "adapter_model.safetensors" not in names:
         raise ModelError(f"JOB_ADAPTER: {s.adapter} has no adapter_model.safetensors (pickled adapter weights are not loaded)")
     return base_uri, base, adapter_uri, adapter
+
+
+@dataclass
+class Models:
+    """The base model and adapter, identified and checked; only their small files are local yet."""
+
+    base_uri: storage.Uri  # pinned to the identified revision
+    base_dir: Path
+    adapter_dir: Path | None
+    identity: dict
+
+
+def check_models(s: JobSettings, workdir: Path) -> Models:
+    """Steps 3-4: identify the base model and adapter, fetch their small files (tokenizer, configs, the adapter), and
+    check the modules on the meta device. Nothing of the base's weights is downloaded."""
+    from job.model import ADAPTER_FILES, TOKENIZER_FILES
+
+    base_uri, base_ident, adapter_uri, adapter_ident = identify_models(s)
+    base_dir = _pull_small("JOB_BASE_MODEL", base_uri, workdir / "model", TOKENIZER_FILES, token(s))
+    adapter_dir = _pull_small("JOB_ADAPTER", adapter_uri, workdir / "adapter", ADAPTER_FILES, token(s)) if adapter_uri else None
+    meta = meta_model(s, base_dir)
+    check_target_modules(s, meta)
+    if adapter_dir:
+        check_adapter_fits(s, meta, adapter_dir)
+    return Models(base_uri, base_dir, adapter_dir, {"base_model": base_ident, "adapter": adapter_ident})
+
+
+def pull_weights(s: JobSettings, models: Models) -> Path:
+    """The base model's weights (safetensors only) beside its small files, at the revision identified before."""
+    from job.model import MODEL_FILES
+
+    return _pull_small("JOB_BASE_MODEL", models.base_uri, models.base_dir, MODEL_FILES, token(s))
 
 
 def meta_model(s: JobSettings, model_dir: Path):
@@ -325,24 +361,16 @@ def planned_steps(s: JobSettings, fitted: sequences.Fitted, world_size: int = 1)
 def prepare(s: JobSettings, run_id: str, *, dry: bool = False, main: bool = True, world_size: int = 1) -> Plan:
     """All checks, in order. `dry` (--check) reads but never writes or deletes anything but the probes; `main`: this
     is the process that uploads (rank 0), which alone probes the output and acts on JOB_RESTART."""
-    from job.model import ADAPTER_FILES, TOKENIZER_FILES, load_tokenizer
+    from job.model import load_tokenizer
 
-    tok = token(s)
     remote = storage.parse_uri(s.output).join(run_id)
     workdir = Path(s.workdir) / run_id
     check_writable(s, remote, workdir, output=main, dry=dry)
     inputs = read_data(s, workdir)
     log.info("data: %d training and %d eval records from %d files", len(inputs.train), len(inputs.eval), len(inputs.files))
 
-    base_uri, base_ident, adapter_uri, adapter_ident = identify_models(s)
-    base_dir = _pull_small("JOB_BASE_MODEL", base_uri, workdir / "model", TOKENIZER_FILES, tok)
-    adapter_dir = _pull_small("JOB_ADAPTER", adapter_uri, workdir / "adapter", ADAPTER_FILES, tok) if adapter_uri else None
-    meta = meta_model(s, base_dir)
-    check_target_modules(s, meta)
-    if adapter_dir:
-        check_adapter_fits(s, meta, adapter_dir)
-    del meta
-    model_identity = {"base_model": base_ident, "adapter": adapter_ident}
+    models = check_models(s, workdir)
+    base_dir, adapter_dir, model_identity = models.base_dir, models.adapter_dir, models.identity
 
     tokenizer, prompt_format = load_tokenizer(base_dir, adapter_dir, s.prompt_format, eos_token=s.train.eos_token)
     stops = sequences.stop_ids(tokenizer, base_dir)
@@ -372,7 +400,7 @@ def prepare(s: JobSettings, run_id: str, *, dry: bool = False, main: bool = True
     log.info("plan: %d optimizer steps over %d %s (%s epochs), about %d tokens", plan_steps["steps"],
              plan_steps["rows_per_epoch"], "packed rows" if s.stage == "sft" and s.train.packing else "examples",
              plan_steps["epochs"], plan_steps["tokens"], extra={"fields": {"event": "plan", **plan_steps}})
-    return Plan(run_id=run_id, remote=remote, workdir=workdir, inputs=inputs, base_uri=base_uri, base_dir=base_dir,
+    return Plan(run_id=run_id, remote=remote, workdir=workdir, inputs=inputs, models=models, base_dir=base_dir,
                 adapter_dir=adapter_dir, model_identity=model_identity, tokenizer=tokenizer, prompt_format=prompt_format,
                 stops=stops, train=train, eval=evald, identity=ident, state=state, report=report)
 

@@ -580,16 +580,18 @@ def identify(uri: Uri, include: list[str] | None = None, token: str | None = Non
         if not objects:
             raise DataError(f"{uri}: no such object or prefix (or nothing under it)")
         return {"uri": str(uri), "files": {o["rel"]: {"etag": o["ETag"].strip('"'), "size": o["Size"]} for o in objects}}
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, constants
 
+    api = HfApi(token=token)
     try:
-        info = HfApi(token=token).repo_info(uri.repo_id, repo_type=uri.repo_type, revision=uri.revision, files_metadata=False)
+        # As _hf_pull resolves it (through HF_HOME's cache when offline), so that the download gets this very commit.
+        sha = api.resolve_revision(uri.repo_id, repo_type=uri.repo_type, revision=uri.revision).resolved
+        names = None if constants.HF_HUB_OFFLINE else api.list_repo_files(uri.repo_id, repo_type=uri.repo_type, revision=sha)
     except Exception as exc:
         raise _hf_error(exc, uri) from None
     prefix = uri.path.rstrip("/") + "/" if uri.path else ""
-    names = [s.rfilename[len(prefix):] for s in (info.siblings or []) if s.rfilename.startswith(prefix)]
-    return {"uri": str(uri), "revision": info.sha, "files": {n: {} for n in names if _included(n, include)},
-            "pinned": str(HfUri(uri.repo_id, uri.repo_type, info.sha, uri.path))}
+    files = None if names is None else {n[len(prefix):]: {} for n in names if n.startswith(prefix) and _included(n[len(prefix):], include)}
+    return {"uri": str(uri), "revision": sha, "files": files, "pinned": str(HfUri(uri.repo_id, uri.repo_type, sha, uri.path))}
 
 
 def probe_write(uri: Uri, token: str | None = None, *, private: bool = True, dry: bool = False) -> None:

@@ -192,16 +192,20 @@ def test_sft_pushes_one_commit_to_a_new_private_repo_that_loads_by_id_and_dpo_co
     assert sft.returncode == 0, sft.stderr[-3000:]
     repo = hub.repo(RUNS)
     assert repo.private  # JOB_HUB_PRIVATE's default
-    # One commit for the whole run, after the one the Hub makes when it creates a repo; named and tagged after the run.
-    assert [c.message for c in repo.log] == ["initial commit", "qlora-job sft sft-1"]
-    sft_commit = repo.log[-1]
-    assert repo.refs["main"] == repo.refs["sft-1"] == sft_commit.sha
+    # One commit for the run's outputs, named and tagged after the run. Before it: the run's identity, recorded at the
+    # start, and its checkpoints (the last one at the end of training); after it: the checkpoints' deletion.
+    messages = [c.message for c in repo.log]
+    assert messages.count("qlora-job sft sft-1") == 1 and messages[0] == "initial commit"
+    assert messages[1] == "qlora-job: upload sft-1/identity.json"
+    sft_commit = next(c for c in repo.log if c.message == "qlora-job sft sft-1")
+    assert repo.refs["sft-1"] == sft_commit.sha
+    assert all(m.startswith("qlora-job: upload sft-1/checkpoints/") for m in messages[2:messages.index("qlora-job sft sft-1")])
+    assert not [f for f in repo.files() if "/checkpoints/" in f]  # removed once the run is complete
     files = sft_commit.files
     run_files = {"_SUCCESS", "metrics.json", "metrics.jsonl", "run.json", "adapter/adapter_model.safetensors",
                  "adapter/adapter_config.json", "adapter/README.md", "adapter/prompt_format.json",
                  "adapter/tokenizer.json", "adapter/tokenizer_config.json", "adapter/chat_template.jinja"}
     assert {f"sft-1/{f}" for f in run_files} <= set(files)
-    assert not [f for f in files if "/checkpoints/" in f]
     # The repository's root holds the adapter too, so that it loads by the repo's id alone.
     for name in ("adapter_model.safetensors", "adapter_config.json", "README.md", "tokenizer.json"):
         assert files[name] == files[f"sft-1/adapter/{name}"], name
@@ -230,17 +234,19 @@ def test_sft_pushes_one_commit_to_a_new_private_repo_that_loads_by_id_and_dpo_co
     assert 'subfolder="sft-1/adapter"' in files["README.md"].decode()
 
     # DPO starts from the repo, as the seed's second notebook does, and pushes to the same repo.
+    main_before_dpo = repo.refs["main"]  # the SFT run's commit, then the deletion of its checkpoints: same files at the root
     dpo = run_job(hub_env(hub, tmp_path / "dpo", JOB_STAGE="dpo", JOB_DATA=f"hf://datasets/{DATASET}/dpo.csv",
                           JOB_ADAPTER=f"hf://{RUNS}", JOB_OUTPUT=f"hf://{RUNS}", JOB_RUN_ID="dpo-1"))
     assert dpo.returncode == 0, dpo.stderr[-3000:]
-    assert [c.message for c in repo.log][-1] == "qlora-job dpo dpo-1" and len(repo.log) == 3
+    assert [c.message for c in repo.log].count("qlora-job dpo dpo-1") == 1
     files = commit_files(hub)
     run = json.loads(files["dpo-1/run.json"])
-    assert run["inputs"]["adapter"] == {"uri": f"hf://{RUNS}", "revision": sft_commit.sha}
+    assert run["inputs"]["adapter"] == {"uri": f"hf://{RUNS}", "revision": main_before_dpo}
     assert run["prompt_format"] == json.loads(commit_files(hub, sft_commit.sha)["sft-1/run.json"])["prompt_format"]
     assert files["adapter_model.safetensors"] == files["dpo-1/adapter/adapter_model.safetensors"] != weights
     assert files["sft-1/adapter/adapter_model.safetensors"] == weights  # the SFT run stays where it was
-    assert repo.refs["sft-1"] == sft_commit.sha and repo.refs["dpo-1"] == repo.sha
+    dpo_commit = next(c for c in repo.log if c.message == "qlora-job dpo dpo-1")
+    assert repo.refs["sft-1"] == sft_commit.sha and repo.refs["dpo-1"] == dpo_commit.sha
     assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == MODEL
 
 
@@ -260,12 +266,12 @@ def test_push_errors_fail_before_any_download_with_their_exit_codes(hub, tmp_pat
     # A token that may read but not write: the existing repo, and a repo it would have to create.
     for r, repo_id in ((read_only, RUNS), (new_repo, "org/new-runs")):
         assert r.returncode == ExitCode.CONFIG, r.stderr[-3000:]
-        assert f"hf://{repo_id}: HF_TOKEN has no write access to {repo_id} (403)" in r.stderr
+        assert f"JOB_OUTPUT: hf://{repo_id}: HF_TOKEN has no write access to {repo_id} (403)" in r.stderr
         assert "Traceback" not in r.stderr and READ_ONLY not in r.stderr + r.stdout
     assert hub.repo("org/new-runs") is None
     # A token the Hub doesn't know; no token at all.
     assert bad.returncode == ExitCode.CONFIG, bad.stderr[-3000:]
-    assert f"hf://{RUNS}/r1/_SUCCESS: the Hub refused HF_TOKEN (401)" in bad.stderr and wrong not in bad.stderr
+    assert f"JOB_OUTPUT: hf://{RUNS}: the Hub refused HF_TOKEN (401)" in bad.stderr and wrong not in bad.stderr
     assert anonymous.returncode == ExitCode.CONFIG, anonymous.stderr[-3000:]
     assert "hf://org/anon-runs: writing to the Hub needs a token with write access: set HF_TOKEN" in anonymous.stderr
     # None of them downloaded the model or wrote anything.
@@ -292,7 +298,8 @@ def test_offline_runs_use_the_cache_and_a_cache_miss_is_permanent(hub, tmp_path)
     for r, uri in ((partial, f"hf://{MODEL}"), (missing, "hf://org/never-downloaded")):
         # Retrying can't fill the cache: a model problem (exit 4), not a transient one (75).
         assert r.returncode == ExitCode.MODEL, r.stderr[-3000:]
-        assert f"JOB_BASE_MODEL: {uri}: not in the local Hugging Face cache" in r.stderr
+        # (the weights' error names the commit the run identified: hf://org/model@sha)
+        assert re.search(rf"JOB_BASE_MODEL: {re.escape(uri)}(@[0-9a-f]{{40}})?: not in the local Hugging Face cache", r.stderr)
         assert "offline mode is on (HF_HUB_OFFLINE=1)" in r.stderr and "Traceback" not in r.stderr
     assert len(hub.requests) == before  # offline means offline
 

@@ -157,5 +157,5 @@ def test_merge_refuses_an_adapter_that_does_not_fit(tiny_model, tmp_path):
     r = run_job(job_env(JOB_STAGE="merge", JOB_BASE_MODEL=str(tiny_model), JOB_ADAPTER=str(adapter),
                         JOB_OUTPUT=str(tmp_path / "out"), JOB_WORKDIR=str(tmp_path / "work"), JOB_LOG_FORMAT="json"))
     assert r.returncode == ExitCode.MODEL, r.stderr[-3000:]
-    assert "the adapter does not fit the base model" in r.stderr and "Traceback" not in r.stderr
+    assert "JOB_ADAPTER:" in r.stderr and "does not fit JOB_BASE_MODEL" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()

@@ -97,7 +97,7 @@ def test_the_training_arguments_report_to_kubeflow_only_inside_a_trainjob(monkey
         monkeypatch.setenv(k, v)
     s = load_settings({"JOB_STAGE": "sft", "JOB_BASE_MODEL": "org/model", "JOB_DATA": "d.jsonl", "JOB_OUTPUT": "out",
                        "JOB_TRAIN__REPORT_TO": setting})
-    args = SFTConfig(**training_args(s, tmp_path, has_eval=False, progress_bar=False))
+    args = training_args(s, tmp_path, has_eval=False, progress_bar=False)
     assert args.report_to == expected
 
 

@@ -60,13 +60,12 @@ print(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True
 def check(s: JobSettings) -> dict:
     """--check: the adapter and the base model's configuration and tokenizer (no base weights) are downloaded and
     the adapter's target modules looked up in the base's configuration."""
+    from job import preflight
     from job.model import load_tokenizer
-    from job.pipeline import pull_model
 
-    workdir = Path(s.workdir) / "check"
-    base_dir, adapter_dir, identity = pull_model(s, workdir, tokenizer_only=True)
-    _, prompt_format = load_tokenizer(base_dir, adapter_dir, s.prompt_format)
-    adapter = _adapter_config(adapter_dir)
+    models = preflight.check_models(s, Path(s.workdir) / "check")
+    _, prompt_format = load_tokenizer(models.base_dir, models.adapter_dir, s.prompt_format)
+    adapter, identity = _adapter_config(models.adapter_dir), models.identity
     return {"stage": "merge", "prompt_format": prompt_format, "dtype": s.quant.compute_dtype,
             "adapter": {k: adapter.get(k) for k in ("base_model_name_or_path", "r", "lora_alpha", "target_modules")},
             "inputs": identity}
@@ -81,12 +80,13 @@ def run(s: JobSettings) -> str:
 
     from job import outputs
     from job.model import load_adapter, load_tokenizer
-    from job.pipeline import _distributed_state, _token, pull_model
+    from job import preflight
+    from job.pipeline import _distributed_state
 
     started = datetime.now(timezone.utc)
     t0 = time.monotonic()
     run_id = s.resolved_run_id()
-    token = _token(s)
+    token = preflight.token(s)
     remote = storage.parse_uri(s.output).join(run_id)
     if not _distributed_state().is_main_process:
         return str(remote)
@@ -102,7 +102,9 @@ def run(s: JobSettings) -> str:
     log.info("run %s: merge of %s into %s -> %s", run_id, s.adapter, s.base_model, remote,
              extra={"fields": {"event": "start", "run_id": run_id, "stage": "merge", "output": str(remote)}})
 
-    base_dir, adapter_dir, identity = pull_model(s, workdir)
+    # The adapter and the base's small files first: an adapter that does not fit fails before the weights come.
+    models = preflight.check_models(s, workdir)
+    base_dir, adapter_dir, identity = preflight.pull_weights(s, models), models.adapter_dir, models.identity
     _warn_if_other_base(s, _adapter_config(adapter_dir))
     tokenizer, prompt_format = load_tokenizer(base_dir, adapter_dir, s.prompt_format)
     dtype = getattr(torch, s.quant.compute_dtype)
