@@ -94,7 +94,7 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
     """Run one stage; returns the URI of the run's outputs. Raises JobError subclasses for expected failures."""
     import torch
 
-    from job import outputs
+    from job import evaluate, outputs
     from job.model import load_adapter, load_base_model, load_tokenizer
     from job.stages import dpo, sft
 
@@ -124,6 +124,7 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
         # 2. Data first: bad data must fail before gigabytes of weights are downloaded or a GPU is warmed up.
         inputs = read_data(s, workdir)
         log.info("data: %d training and %d eval records", len(inputs.train), len(inputs.eval))
+        prompts = evaluate.load_prompts(s, inputs, workdir, token)  # before/after generations (evaluate.py)
 
         # 3. Model: the base, then the adapter to continue (DPO after SFT), with the tokenizer that matches it.
         base_dir, adapter_dir, model_identity = pull_model(s, workdir)
@@ -149,6 +150,7 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
         trainer.remove_callback(PrinterCallback)  # our MetricsCallback prints the same as one JSON line
     if len(trainer.train_dataset) == 0:
         raise DataError(f"{s.data}: no training examples left after tokenization (all longer than JOB_TRAIN__MAX_LENGTH?)")
+    before = evaluate.generate_before(trainer, tokenizer, prompts, s)  # the starting model: train() loads any resume checkpoint
     stop.training = True
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -161,9 +163,12 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
     # 6. Outputs: written locally, uploaded, then _SUCCESS last. Only one process uploads.
     if not trainer.is_world_process_zero():
         return str(remote)
+    after = evaluate.generate_after(trainer, tokenizer, prompts, s)
     outputs.write_adapter(out / "adapter", trainer.model, tokenizer, prompt_format,
                           base=s.base_model, data=s.data, run_id=run_id, stage=s.stage)
     metrics = outputs.final_metrics(s.stage, trainer, result, metrics_cb.history, eval_metrics, time.monotonic() - t0)
+    metrics.update(evaluate.eval_metrics(s.stage, eval_metrics))
+    metrics.update(evaluate.write_report(out, s, trainer, prompts, before, after))  # generations.*, loss.png
     outputs.write_json(out / "metrics.json", metrics)
     outputs.write_json(out / "run.json", {
         "run_id": run_id,
@@ -183,6 +188,7 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
     outputs.publish(out, remote, token)
     storage.delete(checkpoints, token)  # the run is complete; its checkpoints are no longer needed
     log.info("done: %s", remote, extra={"fields": {"event": "done", "output": str(remote), "metrics": metrics}})
+    print(evaluate.summary(out, str(remote), trainer.state.log_history), flush=True)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return str(remote)
