@@ -95,7 +95,7 @@ def run_demo(directory: str) -> int:
         first = next(json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines() if '"loss"' in l)
         extra = f", mean reward accuracy {m['reward_accuracy']:.2f}" if name == "DPO" else f", eval loss {m['eval_loss']:.3f}"
         lines.append(f"  {name}: {m['steps']} steps, loss {first['loss']:.3f} -> {m['train_loss_last']:.3f}{extra}, {m['train_runtime_s']:.0f}s")
-        lines.append(f"       {out}/  (adapter/, metrics.json, metrics.jsonl, run.json, _SUCCESS)")
+        lines.append(f"       {out}/  (adapter/, generations.md, loss.png, metrics.json, metrics.jsonl, run.json, _SUCCESS)")
     lines += ["", "Load the DPO adapter:", f"  PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{model_dir}'), '{dpo_out}/adapter')", ""]
     print("\n".join(lines))
     return ExitCode.OK

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--work", type=Path, default=Path("/tmp/learn"))
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--sft-epochs", default="150")
+    ap.add_argument("--sft-epochs", default="120")
     ap.add_argument("--sft-lr", default="5e-4,1e-3,2e-3", help="comma-separated: one concurrent SFT run each")
     ap.add_argument("--dpo-epochs", default="3")
     ap.add_argument("--dpo-lr", default=None, help="comma-separated: one concurrent DPO run each, on the best SFT run")
