@@ -77,6 +77,7 @@ def run_demo(directory: str) -> int:
         "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": "1",
         "JOB_TRAIN__LOGGING_STEPS": "5",
         "JOB_TRAIN__SAVE_STEPS": "0",
+        "JOB_EVAL_MAX_NEW_TOKENS": "64",  # the demo's answers are shorter; the untrained model would ramble for 256
     }
     sft = load_settings({**common, "JOB_STAGE": "sft", "JOB_DATA": str(data_dir / "sft.jsonl"), "JOB_RUN_ID": "demo-sft",
                          "JOB_EVAL_FRACTION": "0.125", "JOB_TRAIN__NUM_TRAIN_EPOCHS": "15", "JOB_TRAIN__LEARNING_RATE": "3e-3",

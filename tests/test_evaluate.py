@@ -32,6 +32,17 @@ def record(q, a):
 # ------------------------------------------------------------------------------------------------------ prompts
 
 
+def test_settings_default_to_256_new_tokens_and_name_a_bad_value(tmp_path):
+    from job.errors import ConfigError
+
+    s = settings(tmp_path)
+    assert (s.eval_prompts, s.eval_max_new_tokens) == (None, 256)
+    with pytest.raises(ConfigError) as e:
+        settings(tmp_path, JOB_EVAL_PROMPTS="gs://bucket/p.jsonl", JOB_EVAL_MAX_NEW_TOKENS="0")
+    assert "JOB_EVAL_PROMPTS: 'gs://bucket/p.jsonl': unsupported scheme" in str(e.value)
+    assert "JOB_EVAL_MAX_NEW_TOKENS: Input should be greater than 0" in str(e.value)
+
+
 def test_prompts_from_files_in_every_form_with_their_references(tmp_path):
     inputs = Inputs(train=[], eval=[])
     (tmp_path / "p.txt").write_text("日本の首都は？\n\n  \n富士山の高さは？\n", encoding="utf-8")
@@ -175,6 +186,18 @@ def test_held_out_metrics_of_both_stages_reach_metrics_json_names(tiny_model, tm
     assert None not in got.values(), got  # every name still matches what TRL reports
     assert got["eval_logps_chosen"] < 0 and got["eval_logps_rejected"] < 0 and 0 <= got["eval_reward_accuracy"] <= 1
     assert eval_metrics("dpo", None) == {}
+
+
+def test_summary_without_generations_names_steps_losses_and_outputs(tmp_path):
+    from job.evaluate import summary
+
+    out = tmp_path / "out"
+    (out / "adapter").mkdir(parents=True)
+    (out / "metrics.json").write_text(json.dumps({"stage": "sft", "steps": 7, "eval_loss": 1.25, "train_runtime_s": 3.0}))
+    history = [{"step": 1, "loss": 2.5}, {"step": 5, "loss": 1.5}, {"step": 7, "eval_loss": 1.25}]
+    text = summary(out, "s3://b/runs/r1", history)
+    assert "qlora-job sft finished: s3://b/runs/r1" in text and "7 steps, train loss 2.5 -> 1.5, eval loss 1.25" in text
+    assert "outputs: adapter/, metrics.json, _SUCCESS" in text and "prompt:" not in text
 
 
 def _tb_scalars(directory) -> dict[str, list[tuple[int, float]]]:

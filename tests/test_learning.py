@@ -56,6 +56,7 @@ def generations(run_dir):
 
 def test_sft_learns_made_up_facts_and_stops_at_eos(sft_run):
     s = learn.score(sft_run)
+    print("SFT", s)  # the figures bench/learn/README.md quotes (pytest -s)
     assert s["prompts"] == FACTS
     assert s["exact_and_stopped_after"] >= 0.9, s  # the fact's word, exactly, then EOS
     assert s["exact_match_before"] == 0 and s["stopped_at_eos_before"] == 0, s  # control: the untrained base
@@ -69,6 +70,7 @@ def test_dpo_on_the_sft_adapter_learns_the_rule_of_the_chosen_answers(facts, sft
     assert r.returncode == 0, r.stderr[-3000:]
     dpo_run = work / "runs" / "dpo"
     s = learn.score(dpo_run)
+    print("DPO", s)
     assert s["eval_reward_accuracy"] >= 0.9, s  # on the held-out quarter of the pairs
     assert s["ends_with_rule_suffix_after"] >= 0.9 and s["exact_and_stopped_after"] >= 0.9, s  # the word, the period, EOS
     # Control: the SFT adapter ends about half its answers with the period, as its data did.
