@@ -42,7 +42,8 @@ DEFAULT_PROMPTS = 8
 #: Wall-clock limit for each side's generations (before, after). On several GPUs the other processes wait at their
 #: first collective while rank 0 generates, so this stays far below the 30-minute distributed timeout.
 TIME_BUDGET_S = 300.0
-#: At most this many prompts per generate() call: beyond it padding grows faster than the batch helps.
+#: At most this many prompts per generate() call: the token budget alone would batch hundreds of very short prompts,
+#: and 64 already keep a GPU busy while one slow answer holds up fewer others.
 MAX_BATCH = 64
 #: Columns that hold a reference answer in a prompts-only file.
 REFERENCE_COLUMNS = ("completion", "output", "chosen", "answer", "reference")
