@@ -375,13 +375,18 @@ def plot_loss(history: list[dict], stage: str, path: Path, title: str = "") -> N
 
 
 def _copy_tensorboard(trainer, dest: Path) -> None:
-    """transformers' TensorBoard callback writes (and flushes at every log) under the checkpoint directory, which is
-    not uploaded: copy its event files next to metrics.json."""
+    """Copy transformers' TensorBoard event files next to metrics.json (they are written under the checkpoint directory,
+    which is not uploaded). Its writer is closed first: tensorboardX's flush() doesn't wait for the events still queued
+    for its writer thread, and the final evaluate()'s are written by a writer opened after training ended."""
     from transformers.integrations import TensorBoardCallback
 
     for cb in trainer.callback_handler.callbacks:
-        if isinstance(cb, TensorBoardCallback) and cb.logging_dir and Path(cb.logging_dir).is_dir():
-            shutil.copytree(cb.logging_dir, dest, dirs_exist_ok=True)
+        if isinstance(cb, TensorBoardCallback) and cb.logging_dir:
+            if cb.tb_writer is not None:
+                cb.tb_writer.close()
+                cb.tb_writer = None
+            if Path(cb.logging_dir).is_dir():
+                shutil.copytree(cb.logging_dir, dest, dirs_exist_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------------ summary

@@ -250,7 +250,7 @@ def test_sft_then_dpo_runs_report_generations_metrics_plot_tensorboard_and_a_sum
     assert series["train loss"][0][0] == 1 and series["train loss"][0][-1] >= 4
     tb = _tb_scalars(out / "tensorboard")
     assert [s for s, _ in tb["train/loss"]] == series["train loss"][0]
-    # Every evaluation logged, the final evaluate() after training included.
+    # Every evaluation logged, the final evaluate() after training included (queued events are written before upload).
     assert [s for s, _ in tb["eval/loss"]] == [h["step"] for h in history if "eval_loss" in h]
 
     assert f"qlora-job sft finished: {out}" in r.stdout and "5 steps, train loss" in r.stdout
