@@ -15,6 +15,7 @@ out=${OUT:-/tmp/learn-out}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt" 2>/dev/null || true
 # learn.py stops SFT runs still going --sft-deadline-s after its start, DPO runs at --deadline-s, and writes what it
-# has; that leaves the call's 600 s room for the install and the archive. Expected: ~4-6 minutes in all.
+# has; that leaves the call's 600 s room for the install and the archive. Not measured yet: estimated 5-7 minutes
+# from bench/results' 1.8B SFT throughput (~6.4k tokens per step, three runs sharing the GPU).
 python3 bench/learn/learn.py --shape 1.8b --facts 256 --device cuda --work /tmp/learn --out "$out" \
   --sft-epochs 120 --sft-lr 5e-4,1e-3,2e-3 --dpo-epochs 3 --dpo-lr-scale 0.05,0.15,0.5 --sft-deadline-s 340 --deadline-s 480 "$@"
