@@ -82,6 +82,7 @@ def run_demo(directory: str) -> int:
         "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": "1",
         "JOB_TRAIN__LOGGING_STEPS": "5",
         "JOB_TRAIN__SAVE_STEPS": "0",
+        "JOB_EVAL_MAX_NEW_TOKENS": "64",  # the demo's answers are shorter; the untrained model would ramble for 256
     }
     sft = load_settings({**common, "JOB_STAGE": "sft", "JOB_DATA": str(data_dir / "sft.jsonl"), "JOB_RUN_ID": "demo-sft",
                          "JOB_EVAL_FRACTION": "0.125", "JOB_TRAIN__NUM_TRAIN_EPOCHS": "15", "JOB_TRAIN__LEARNING_RATE": "3e-3",
@@ -100,7 +101,7 @@ def run_demo(directory: str) -> int:
         first = next(json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines() if '"loss"' in l)
         extra = f", mean reward accuracy {m['reward_accuracy']:.2f}" if name == "DPO" else f", eval loss {m['eval_loss']:.3f}"
         lines.append(f"  {name}: {m['steps']} steps, loss {first['loss']:.3f} -> {m['train_loss_last']:.3f}{extra}, {m['train_runtime_s']:.0f}s")
-        lines.append(f"       {out}/  (adapter/, metrics.json, metrics.jsonl, run.json, _SUCCESS)")
+        lines.append(f"       {out}/  (adapter/, generations.md, loss.png, metrics.json, metrics.jsonl, run.json, _SUCCESS)")
     lines += ["", "Load the DPO adapter:", f"  PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{model_dir}'), '{dpo_out}/adapter')", ""]
     print("\n".join(lines))
     return ExitCode.OK

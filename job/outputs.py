@@ -107,6 +107,8 @@ def final_metrics(stage: str, trainer, train_result, eval_metrics: dict | None, 
     resumes; throughput is this session's (the steps this process trained), labelled so."""
     import torch
 
+    from job import evaluate
+
     history = [h for h in trainer.state.log_history if "step" in h and "loss" in h]  # training rows, not eval/summary
     last = history[-1] if history else {}
     tm = train_result.metrics
@@ -122,7 +124,6 @@ def final_metrics(stage: str, trainer, train_result, eval_metrics: dict | None, 
         # Averages over the whole run; *_last: the last logging window (at most JOB_TRAIN__LOGGING_STEPS steps).
         "train_loss": run_mean(history, "loss"),
         "train_loss_last": _clean(last.get("loss")),
-        "eval_loss": _clean((eval_metrics or {}).get("eval_loss")),
         # Non-padding tokens trained on (TRL's num_tokens: prompt and answer, every epoch), the whole run.
         "tokens": tokens,
         # This session: the steps this process trained (all of them unless it resumed from a checkpoint).
@@ -143,15 +144,12 @@ def final_metrics(stage: str, trainer, train_result, eval_metrics: dict | None, 
     if stage == "sft":
         out["mean_token_accuracy"] = run_mean(history, "mean_token_accuracy")
         out["mean_token_accuracy_last"] = _clean(last.get("mean_token_accuracy"))
-        if eval_metrics:
-            out["eval_mean_token_accuracy"] = _clean(eval_metrics.get("eval_mean_token_accuracy"))
+    out.update(evaluate.eval_metrics(stage, eval_metrics) if eval_metrics else {"eval_loss": None})
     if stage == "dpo":
         for key, name in (("rewards/accuracies", "reward_accuracy"), ("rewards/margins", "reward_margin"),
                           ("logps/chosen", "logps_chosen"), ("logps/rejected", "logps_rejected")):
             out[name] = run_mean(history, key)
             out[f"{name}_last"] = _clean(last.get(key))
-            if eval_metrics:
-                out[f"eval_{name}"] = _clean(eval_metrics.get(f"eval_{key}"))
         # Pairs this session: each pair is a chosen and a rejected row; every process trains as many.
         pairs = getattr(trainer, "job_rows_seen", 0) // 2 * trainer.args.world_size
         out["session"]["pairs"] = pairs

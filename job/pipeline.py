@@ -37,7 +37,7 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
     """Run one stage; returns the URI of the run's outputs. Raises JobError subclasses for expected failures."""
     import torch
 
-    from job import outputs
+    from job import evaluate, outputs
 
     if s.stage == "merge":  # no data, no training: its own module
         from job.stages import merge
@@ -75,17 +75,19 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
         base_dir = preflight.pull_weights(s, plan.models)
 
     # 4. Train: TRL owns the loop; a retried pod continues from the last uploaded checkpoint of this run.
-    trainer, result, resume_from = _train(s, plan, base_dir, stop, progress_bar)
+    trainer, result, resume_from, before = _train(s, plan, base_dir, stop, progress_bar)
     eval_metrics = trainer.evaluate() if plan.eval is not None else None
 
     # 5. Outputs: written locally, uploaded, then _SUCCESS last. Only one process uploads.
     if not trainer.is_world_process_zero():
         return str(remote)
+    after = evaluate.generate_after(trainer, plan.tokenizer, plan.prompts, s)  # the trained adapter's answers
     outputs.write_adapter(out / "adapter", trainer.model, plan.tokenizer, plan.prompt_format,
                           base=s.base_model, data=s.data, run_id=run_id, stage=s.stage, output=s.output)
     outputs.write_history(out / "metrics.jsonl", trainer.state.log_history)
     metrics = outputs.final_metrics(s.stage, trainer, result, eval_metrics, lengths={"train": plan.train.report,
                                     "eval": plan.eval.report if plan.eval else None})
+    metrics.update(evaluate.write_report(out, s, trainer, plan.prompts, before, after))  # generations.*, loss.png
     outputs.write_json(out / "metrics.json", metrics)
     outputs.write_json(out / "run.json", {
         "run_id": run_id,
@@ -107,6 +109,7 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
     outputs.publish(out, remote, tok)
     storage.delete(remote.join("checkpoints"), tok)  # the run is complete; its checkpoints are no longer needed
     log.info("done: %s", remote, extra={"fields": {"event": "done", "output": str(remote), "metrics": metrics}})
+    print(evaluate.summary(out, str(remote), trainer.state.log_history), flush=True)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return str(remote)
@@ -145,7 +148,7 @@ def _oom_message(s: JobSettings, used: dict) -> str:
 
 
 def _train_once(s, plan, base_dir, stop, progress_bar, *, checkpointing, used):
-    from job import outputs
+    from job import evaluate, outputs
     from job.model import load_adapter, load_base_model
     from job.stages import dpo, sft
 
@@ -168,6 +171,8 @@ def _train_once(s, plan, base_dir, stop, progress_bar, *, checkpointing, used):
         from transformers import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # our MetricsCallback prints the same as one JSON line
+    # The starting model's answers (base, or base + JOB_ADAPTER): before train(), which loads any resume checkpoint.
+    before = evaluate.generate_before(trainer, plan.tokenizer, plan.prompts, s)
     stop.training = True
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -176,7 +181,7 @@ def _train_once(s, plan, base_dir, stop, progress_bar, *, checkpointing, used):
     if stop.received:
         raise Preempted(f"{stop.received} received: checkpoint at step {trainer.state.global_step} uploaded to {checkpoints}",
                         signal_name=stop.received)
-    return trainer, result, resume_from
+    return trainer, result, resume_from, before
 
 
 def _first_process_per_node():

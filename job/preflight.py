@@ -35,7 +35,8 @@ log = logging.getLogger("job")
 IDENTITY = "identity.json"
 
 #: Settings that don't change what is trained: a rerun may change them and still continue the same run.
-OPERATIONAL = {"workdir", "log_format", "run_id", "restart", "hf_token", "output"}
+OPERATIONAL = {"workdir", "log_format", "run_id", "restart", "hf_token", "output", "eval_prompts", "eval_max_new_tokens",
+               "hub_private"}
 OPERATIONAL_TRAIN = {"save_steps", "logging_steps", "report_to", "per_device_eval_batch_size", "eval_steps"}
 
 
@@ -62,6 +63,7 @@ class Plan:
     tokenizer: object
     prompt_format: str
     stops: set[int]
+    prompts: list  # evaluate.Prompt: what the starting and the trained model answer
     train: sequences.Fitted
     eval: sequences.Fitted | None
     identity: dict
@@ -270,7 +272,7 @@ def identity(s: JobSettings, inputs: Inputs, model_identity: dict) -> dict:
     ident = {
         "stage": s.stage,
         "config": config,
-        "data": {role: v["sha256"] for role, v in inputs.identity.items()},
+        "data": {role: v["sha256"] for role, v in inputs.identity.items() if role in ("train", "eval")},
         "base_model": {k: v for k, v in model_identity["base_model"].items() if k != "uri"} | {"uri": s.base_model},
         "adapter": None if not model_identity.get("adapter") else
                    {k: v for k, v in model_identity["adapter"].items() if k != "uri"} | {"uri": s.adapter},
@@ -361,6 +363,7 @@ def planned_steps(s: JobSettings, fitted: sequences.Fitted, world_size: int = 1)
 def prepare(s: JobSettings, run_id: str, *, dry: bool = False, main: bool = True, world_size: int = 1) -> Plan:
     """All checks, in order. `dry` (--check) reads but never writes or deletes anything but the probes; `main`: this
     is the process that uploads (rank 0), which alone probes the output and acts on JOB_RESTART."""
+    from job import evaluate
     from job.model import load_tokenizer
 
     remote = storage.parse_uri(s.output).join(run_id)
@@ -368,6 +371,7 @@ def prepare(s: JobSettings, run_id: str, *, dry: bool = False, main: bool = True
     check_writable(s, remote, workdir, output=main, dry=dry)
     inputs = read_data(s, workdir)
     log.info("data: %d training and %d eval records from %d files", len(inputs.train), len(inputs.eval), len(inputs.files))
+    prompts = evaluate.load_prompts(s, inputs, workdir, token(s))  # for the before/after answers (job/evaluate.py)
 
     models = check_models(s, workdir)
     base_dir, adapter_dir, model_identity = models.base_dir, models.adapter_dir, models.identity
@@ -395,6 +399,7 @@ def prepare(s: JobSettings, run_id: str, *, dry: bool = False, main: bool = True
         "train": train.report,
         "eval": evald.report if evald else None,
         "plan": plan_steps,
+        "eval_prompts": len(prompts),
         "inputs": {**inputs.identity, **model_identity},
     }
     log.info("plan: %d optimizer steps over %d %s (%s epochs), about %d tokens", plan_steps["steps"],
@@ -402,7 +407,7 @@ def prepare(s: JobSettings, run_id: str, *, dry: bool = False, main: bool = True
              plan_steps["epochs"], plan_steps["tokens"], extra={"fields": {"event": "plan", **plan_steps}})
     return Plan(run_id=run_id, remote=remote, workdir=workdir, inputs=inputs, models=models, base_dir=base_dir,
                 adapter_dir=adapter_dir, model_identity=model_identity, tokenizer=tokenizer, prompt_format=prompt_format,
-                stops=stops, train=train, eval=evald, identity=ident, state=state, report=report)
+                stops=stops, prompts=prompts, train=train, eval=evald, identity=ident, state=state, report=report)
 
 
 def record_identity(plan: Plan, tok: str | None) -> None:

@@ -184,6 +184,11 @@ class JobSettings(BaseSettings):
     eval_data: str | None = None
     #: Held-out fraction of JOB_DATA used for evaluation when JOB_EVAL_DATA is not set.
     eval_fraction: float = Field(0.0, ge=0, lt=1)
+    #: Prompts answered before and after training (generations.jsonl/.md): a file or URI like JOB_DATA (a prompt column,
+    #: any SFT record format, or .txt with one prompt per line), or `none`. Default: 8 records of the eval/training data.
+    eval_prompts: str | None = None
+    #: Longest generated answer, in new tokens.
+    eval_max_new_tokens: int = Field(256, gt=0)
     #: Start from this existing adapter (for DPO after SFT it is also the frozen reference).
     adapter: str | None = None
     run_id: str | None = None
@@ -215,7 +220,7 @@ class JobSettings(BaseSettings):
             raise ValueError("use letters, digits, '.', '_' and '-' (at most 128, starting with a letter or digit)")
         return v
 
-    @field_validator("base_model", "data", "output", "eval_data", "adapter")
+    @field_validator("base_model", "data", "output", "eval_data", "adapter", "eval_prompts")
     @classmethod
     def _uri(cls, v: str | None) -> str | None:
         if v is None:

@@ -92,7 +92,9 @@ def keys(client, bucket: str, prefix: str = "") -> list[str]:
 def job_env(**extra: str) -> dict:
     """A clean environment for a `python -m job` subprocess: no JOB_ variables from the outside, quiet and fast."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JOB_", "AWS_", "HF_TOKEN"))}
-    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"})
+    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2",
+                # A random tiny model never says EOS: each run's before/after answers would run to the default 256 tokens.
+                "JOB_EVAL_MAX_NEW_TOKENS": "16"})
     env.update(extra)
     return env
 

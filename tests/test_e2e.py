@@ -61,7 +61,8 @@ def test_sft_then_dpo_on_s3_and_the_adapter_changes_the_model(bucket, tiny_model
     assert r.returncode == 0, r.stderr[-3000:]
     got = keys(s3, s3.bucket, "runs/sft-1/")
     for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json",
-                 "adapter/prompt_format.json", "adapter/README.md", "metrics.json", "metrics.jsonl", "run.json", "_SUCCESS"):
+                 "adapter/prompt_format.json", "adapter/README.md", "metrics.json", "metrics.jsonl", "run.json", "_SUCCESS",
+                 "generations.jsonl", "generations.md", "loss.png"):
         assert f"runs/sft-1/{name}" in got
     assert not [k for k in got if "/checkpoints/" in k]  # removed once the run is complete
     logs = json_lines(r.stderr)

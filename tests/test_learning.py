@@ -1,0 +1,80 @@
+"""The pipeline teaches: `python -m job` on a tiny 4-bit model learns made-up facts (code -> invented word) by SFT,
+then DPO on top of that adapter moves its answers to the style of the chosen answers. Scored from the files the runs
+upload (generations.jsonl, metrics.json) with bench/learn/learn.py, the functions the GPU run (bench/learn/run.sh)
+uses at llm-jp-3-1.8b's shape.
+
+The controls are in the same files: the starting model's answers ("before") to the same prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from conftest import ROOT, job_env, run_job
+
+sys.path.insert(0, str(ROOT / "bench" / "learn"))
+import learn  # noqa: E402
+
+FACTS = 32
+#: Two layers of 128. The frozen LM head and final norm bound the logits by |row| x |hidden| = (0.125 x sqrt(128)) x
+#: sqrt(128) = 16; at the usual 0.02 init they'd stay within +-2.6, and no answer could become confident.
+SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+             initializer_range=0.125)
+COMMON = dict(
+    JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE="32", JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS="1", JOB_TRAIN__PACKING="false",
+    JOB_TRAIN__LOGGING_STEPS="10", JOB_TRAIN__SAVE_STEPS="0", JOB_EVAL_MAX_NEW_TOKENS="8",
+    # One thread: a model this small gains nothing from two, and on a busy machine OpenMP's spinning threads cost ~9x
+    # the CPU time per step.
+    OMP_NUM_THREADS="1",
+)
+# Tuned on this CPU (full-batch steps, so one step per epoch). SFT: every answer token right from step 20 of 40.
+# DPO: from 1e-3 to 4e-3 every held-out pair is ranked right, and 94-100% of the answers are the word, the period, EOS.
+SFT = dict(JOB_TRAIN__NUM_TRAIN_EPOCHS="40", JOB_TRAIN__LEARNING_RATE="1e-2")
+DPO = dict(JOB_TRAIN__NUM_TRAIN_EPOCHS="10", JOB_TRAIN__LEARNING_RATE="2e-3")
+
+
+@pytest.fixture(scope="module")
+def facts(tmp_path_factory):
+    work = tmp_path_factory.mktemp("learn")
+    return work, learn.prepare(work, FACTS, SHAPE)
+
+
+@pytest.fixture(scope="module")
+def sft_run(facts):
+    work, p = facts
+    r = run_job(learn.sft_env(job_env(**COMMON), p, work / "runs", JOB_WORKDIR=str(work / "w"), **SFT))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return work / "runs" / "sft"
+
+
+def generations(run_dir):
+    return [json.loads(line) for line in (run_dir / "generations.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def test_sft_learns_made_up_facts_and_stops_at_eos(sft_run):
+    s = learn.score(sft_run)
+    print("SFT", s)  # the figures bench/learn/README.md quotes (pytest -s)
+    assert s["prompts"] == FACTS
+    assert s["exact_and_stopped_after"] >= 0.9, s  # the fact's word, exactly, then EOS
+    assert s["exact_match_before"] == 0 and s["stopped_at_eos_before"] == 0, s  # control: the untrained base
+    metrics = json.loads((sft_run / "metrics.json").read_text())
+    assert metrics["generation_exact_match_after"] == s["exact_match_after"]  # what metrics.json tells a user
+
+
+def test_dpo_on_the_sft_adapter_learns_the_rule_of_the_chosen_answers(facts, sft_run):
+    work, p = facts
+    r = run_job(learn.dpo_env(job_env(**COMMON), p, work / "runs", sft_run / "adapter", JOB_WORKDIR=str(work / "w"), **DPO))
+    assert r.returncode == 0, r.stderr[-3000:]
+    dpo_run = work / "runs" / "dpo"
+    s = learn.score(dpo_run)
+    print("DPO", s)
+    assert s["eval_reward_accuracy"] >= 0.9, s  # on the held-out quarter of the pairs
+    assert s["ends_with_rule_suffix_after"] >= 0.9 and s["exact_and_stopped_after"] >= 0.9, s  # the word, the period, EOS
+    # Control: the SFT adapter ends about half its answers with the period, as its data did.
+    share = sum(f["period"] for f in p["facts"]) / FACTS
+    assert s["ends_with_rule_suffix_before"] == pytest.approx(share, abs=1e-3) == s["exact_match_before"], s
+    # "before" is the starting model, base + JOB_ADAPTER: the SFT run's trained answers, not the base model's.
+    assert [g["before"] for g in generations(dpo_run)] == [g["after"] for g in generations(sft_run)]
