@@ -3,13 +3,13 @@
 # shape (4-bit NF4, the job's defaults apart from epochs and learning rate), then DPO on the best SFT adapter, through
 # `python -m job`. Results (<= 8 files) go to $OUT; commit them under bench/learn/results/.
 #
-#   here:   ../shared/gpu/wheels.sh transformers==5.24.0        # builds .whl/ (the image lacks trl, bitsandbytes, ...)
-#   device: command "BENCH_COMMIT=<git rev-parse --short HEAD> bash bench/learn/run.sh", carry [".whl"], timeout 600
+#   here:   bench/device/wheels.sh          # builds .gpuw/ (the image lacks trl, bitsandbytes, ...)
+#   device: command "BENCH_COMMIT=<git rev-parse --short HEAD> bash bench/learn/run.sh", carry [".gpuw"], timeout 600
 #
 # Extra arguments go to bench/learn/learn.py (e.g. --sft-lr 1e-3,2e-3 --sft-epochs 200).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpuw/common/*.whl .gpuw/job/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 out=${OUT:-/tmp/learn-out}
 mkdir -p "$out"
