@@ -439,7 +439,10 @@ def env_file(path: Path) -> dict:
 
 
 def count_tokens(ctx: dict, stage: str, max_length: int, eval_fraction: float = 0.0) -> dict:
-    """Our own count of the non-padding tokens one epoch of the job trains on (its prompt format, its truncation)."""
+    """Our own count of the non-padding tokens one epoch of the job trains on: its prompt format and its length
+    policy (README: JOB_TRAIN__OVER_LENGTH=cut_prompt, the default) re-derived here from the rendered lengths, as a
+    cross-check of TRL's count in metrics.json: an example that fits counts whole; a longer one whose answer and EOS
+    fit with BOS and one prompt token fills max_length (DPO: the prompt is cut so the longer answer fits); else dropped."""
     from job import data
     from job.model import load_tokenizer
     from job.settings import ColumnSettings
@@ -448,12 +451,24 @@ def count_tokens(ctx: dict, stage: str, max_length: int, eval_fraction: float = 
     path = ctx["sft_data"] if stage == "sft" else ctx["dpo_data"]
     records = data.load_records(path, str(path), stage, ColumnSettings())
     train, _ = data.split_eval(records, eval_fraction, 42)
-    total = 0
+
+    def ids(messages, gen=False):
+        return tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen, return_dict=False)
+
+    total = kept = 0
     for r in train:
         answers = [r["completion"]] if stage == "sft" else [r["chosen"], r["rejected"]]
-        for a in answers:
-            total += min(max_length, len(tok.apply_chat_template(r["prompt"] + a, tokenize=True, return_dict=False)))
-    return {"examples": len(train), "tokens": total}
+        prompt = len(ids(r["prompt"], gen=True))
+        lengths = [len(ids(r["prompt"] + a)) - prompt for a in answers]  # each answer with its EOS
+        longest = max(lengths)
+        if prompt + longest <= max_length:
+            total += sum(prompt + n for n in lengths)
+        elif longest + 2 <= max_length:
+            total += sum(max_length - longest + n for n in lengths)
+        else:
+            continue
+        kept += 1
+    return {"examples": len(train), "kept": kept, "tokens": total}
 
 
 def run_e2e(ctx: dict) -> dict:

@@ -12,7 +12,7 @@ import pytest
 from job.errors import DataError
 from job.evaluate import Prompt, eval_metrics, generate, load_prompts, loss_series, markdown, rows
 from job.exitcodes import ExitCode
-from job.pipeline import Inputs
+from job.preflight import Inputs
 from job.settings import load_settings
 
 from conftest import DEMO_DATA, job_env, run_job
