@@ -1,5 +1,5 @@
-"""Reading training data into a `datasets.Dataset` in TRL's conversational form, with every problem reported as
-`file: row N: what is wrong` before a model is loaded.
+"""Reading training data into records in TRL's conversational form (job/sequences.py tokenizes them), with every
+problem reported as `file: row N: what is wrong` before a model is loaded.
 
 Files: JSON (an array, or one object per line), JSONL, CSV (header row; for DPO also a header-less
 prompt,chosen,rejected file), Parquet. A directory (or a pulled S3/Hub prefix) is every such file in it.
@@ -13,10 +13,10 @@ Recognised SFT records (extra columns, e.g. ELYZA's `eval_aspect`, are ignored):
 Recognised DPO records: prompt + chosen + rejected (strings, or message lists; chosen/rejected alone as full
 conversations sharing the prompt), or a header-less CSV with those three columns in that order.
 
-    >>> from job.data import load_dataset
-    >>> ds = load_dataset(Path("train.jsonl"), "s3://bucket/train.jsonl", "sft", ColumnSettings())
-    >>> ds[0]["prompt"], ds[0]["completion"]
-    ([{'role': 'user', 'content': '...'}], [{'role': 'assistant', 'content': '...'}])
+    >>> from job.data import load_records
+    >>> recs = load_records(Path("train.jsonl"), "s3://bucket/train.jsonl", "sft", ColumnSettings())
+    >>> recs[0]["prompt"], recs[0]["completion"], recs[0]["source"]
+    ([{'role': 'user', 'content': '...'}], [{'role': 'assistant', 'content': '...'}], 's3://bucket/train.jsonl: row 1')
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import io
 import json
 import logging
 import re
-import statistics
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -402,13 +401,6 @@ def load_records(path: Path, display: str, stage: str, columns: ColumnSettings, 
     return records
 
 
-def to_dataset(records: list[dict]):
-    """The records as a `datasets.Dataset` for TRL, without `source` (bookkeeping, not a column to train on)."""
-    from datasets import Dataset
-
-    return Dataset.from_list([{k: v for k, v in r.items() if k != "source"} for r in records])
-
-
 def split_eval(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """Hold out `fraction` of the records (at least one) for evaluation, reproducibly."""
     import random
@@ -422,21 +414,3 @@ def split_eval(records: list[dict], fraction: float, seed: int) -> tuple[list[di
     random.Random(seed).shuffle(order)
     held = set(order[:n_eval])
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
-
-
-def token_stats(records: list[dict], tokenizer, max_length: int) -> dict:
-    """Token lengths as the trainer will see them (chat template applied; DPO: prompt + the longer answer)."""
-    lengths = []
-    for r in records:
-        answers = [r["completion"]] if "completion" in r else [r["chosen"], r["rejected"]]
-        lengths.append(max(len(tokenizer.apply_chat_template(r["prompt"] + a, tokenize=True, return_dict=False)) for a in answers))
-    lengths.sort()
-    return {
-        "records": len(records),
-        "tokens_total": sum(lengths),
-        "tokens_p50": int(statistics.median(lengths)),
-        "tokens_p95": lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))],
-        "tokens_max": lengths[-1],
-        "over_max_length": sum(1 for n in lengths if n > max_length),
-        "max_length": max_length,
-    }

@@ -55,11 +55,6 @@ MANAGED = {
     "pad_token": "nothing (the tokenizer's)",
 }
 
-#: Our settings that are not TRL fields (or have job-specific values such as `auto`); they are mapped explicitly below.
-OWN = {"optim", "bf16", "gradient_checkpointing", "use_liger_kernel", "packing", "report_to", "save_steps", "eval_steps",
-       "warmup_ratio", "over_length", "eos_token", "max_length"}
-
-
 @dataclass(frozen=True)
 class Runtime:
     """What is known only on the machine that trains (or, for validation, a neutral CPU stand-in)."""
