@@ -249,6 +249,30 @@ def test_lone_surrogate_is_a_data_error(tmp_path):
         load(tmp_path / "s.jsonl")
 
 
+# ------------------------------------------------------------------------------------------------- property-based
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+SUFFIXES = [".jsonl", ".json", ".csv", ".parquet"]
+FIELDS = ["text", "output", "instruction", "input", "prompt", "completion", "messages", "chosen", "rejected", "x"]
+# Lone surrogates (JSON's "\\ud800" escapes) and blank strings are the values a reader most easily lets through.
+_strings = st.text(max_size=20) | st.sampled_from(["\ud800", "Q\udc00", "", "  "])
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | _strings,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["role", "content", "x"]) | st.text(max_size=5), inner, max_size=3),
+    max_leaves=10,
+)
+_message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "bot"]), "content": _strings})
+_value = _strings | st.lists(_message, max_size=3) | _json_values
+# Records shaped like each recognised format (so that many get through to the checks on values), plus any fields.
+SHAPES = [("text", "output"), ("instruction", "input", "output"), ("input", "output"), ("prompt", "completion"),
+          ("messages",), ("prompt", "chosen", "rejected"), ("chosen", "rejected"), ()]
+_record = st.sampled_from(SHAPES).flatmap(
+    lambda keys: st.fixed_dictionaries({k: _value for k in keys}, optional={k: _value for k in FIELDS if k not in keys}))
+_records = st.lists(_record, max_size=4)
+_quick = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
 def _read(path, stage):
     try:
         recs = load_records(path, path.name, stage, ColumnSettings())
