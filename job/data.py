@@ -109,7 +109,8 @@ def _spans_lines(text: str) -> bool:
 
 
 def read_rows(path: Path, name: str, stage: str, columns: ColumnSettings) -> Iterator[tuple[int, Any]]:
-    """Yield (row number, record) from one file; row numbers are 1-based data rows."""
+    """Yield (row number, record) from one file; row numbers are 1-based data rows. `stage` decides what a CSV's
+    first line must be: "sft", "dpo", or "prompts" (a file of prompts: a header with a prompt column, or an SFT one)."""
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED:
         raise DataError(f"{name}: unsupported file type {suffix!r}; use one of {', '.join(SUPPORTED)}")
@@ -204,7 +205,7 @@ def _csv_rows(text: str, name: str, stage: str, columns: ColumnSettings) -> Iter
                 "a header line, and map its names with JOB_COLUMNS__PROMPT, __CHOSEN and __REJECTED if they differ")
     else:
         header, body = first, rows[1:]
-        if _sft_format(set(header), c) is None:
+        if _sft_format(set(header), c) is None and not (stage == "prompts" and (c.prompt or "prompt") in header):
             raise DataError(
                 f"{name}: the header {','.join(header)} names no recognised columns; expected text,output or "
                 "instruction,output (optionally input) or input,output or prompt,completion; or set "

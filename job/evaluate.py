@@ -77,7 +77,7 @@ def load_prompts(s, inputs, workdir: Path, token: str | None) -> list[Prompt]:
         return [Prompt(r["prompt"], _answer(r)) for r in records]
     try:
         path, ident = storage.pull(storage.parse_uri(s.eval_prompts), workdir / "data" / "eval_prompts", token=token)
-        prompts = _read_prompts(path, s.eval_prompts, s.stage, s.columns)
+        prompts = _read_prompts(path, s.eval_prompts, s.columns)
     except DataError as exc:
         raise DataError(f"JOB_EVAL_PROMPTS: {exc}") from None
     ident["sha256"] = {name: storage.sha256(p) for p, name in _prompt_files(path, s.eval_prompts)}
@@ -96,7 +96,7 @@ def _prompt_files(path: Path, display: str) -> list[tuple[Path, str]]:
     return data.data_files(path, display)
 
 
-def _read_prompts(path: Path, display: str, stage: str, columns) -> list[Prompt]:
+def _read_prompts(path: Path, display: str, columns) -> list[Prompt]:
     out: list[Prompt] = []
     for file, name in _prompt_files(path, display):
         if file.suffix.lower() == ".txt":
@@ -106,7 +106,7 @@ def _read_prompts(path: Path, display: str, stage: str, columns) -> list[Prompt]
                 raise DataError(f"{name}: not valid UTF-8 (byte {exc.start})") from None
             out += [Prompt([{"role": "user", "content": line}]) for line in lines if line.strip()]
             continue
-        rows = list(data.read_rows(file, name, stage, columns))
+        rows = list(data.read_rows(file, name, "prompts", columns))
         pk = columns.prompt or "prompt"
         if rows and isinstance(rows[0][1], dict) and pk in rows[0][1] and (columns.completion or "completion") not in rows[0][1]:
             out += [_prompt_row(rec, pk, f"{name}: row {row}") for row, rec in rows]  # prompts, maybe with answers

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from job import preflight, storage
 from job.checkpoints import CheckpointCallback, StopSignal, pull_latest
-from job.errors import OutOfMemory, Preempted
+from job.errors import OutOfMemory, Preempted, TransientError
 from job.settings import JobSettings
 
 log = logging.getLogger("job")
@@ -122,12 +122,12 @@ def _train(s: JobSettings, plan: preflight.Plan, base_dir: Path, stop: StopSigna
     import torch
 
     attempts = [None, True] if s.train.gradient_checkpointing == "auto" else [None]
-    for forced in attempts:
+    for i, forced in enumerate(attempts):
         used: dict = {}
         try:
             return _train_once(s, plan, base_dir, stop, progress_bar, checkpointing=forced, used=used)
         except torch.OutOfMemoryError:
-            if used.get("checkpointing", True) or forced:
+            if used.get("checkpointing", True) or i == len(attempts) - 1:  # nothing left to try
                 raise OutOfMemory(_oom_message(s, used)) from None
             log.warning("out of GPU memory with gradient checkpointing off (JOB_TRAIN__GRADIENT_CHECKPOINTING=auto "
                         "guessed it would fit): starting again with it on", extra={"fields": {"event": "oom_retry"}})
@@ -184,10 +184,27 @@ def _train_once(s, plan, base_dir, stop, progress_bar, *, checkpointing, used):
     return trainer, result, resume_from, before
 
 
+@contextlib.contextmanager
 def _first_process_per_node():
-    """With several processes (torchrun), let the node's first one download while the others wait."""
+    """With several processes (torchrun), let the node's first one download while the others wait. When the first
+    one fails (bad data, say) the others' wait ends with a closed connection: theirs is not the error to report."""
     state = _distributed_state()
-    return state.local_main_process_first() if state.num_processes > 1 else contextlib.nullcontext()
+    if state.num_processes == 1:
+        yield
+        return
+    if not state.is_local_main_process:
+        _wait_for_everyone(state)
+    yield
+    if state.is_local_main_process:
+        _wait_for_everyone(state)
+
+
+def _wait_for_everyone(state) -> None:
+    try:
+        state.wait_for_everyone()
+    except RuntimeError as exc:  # gloo and NCCL report a peer that exited as RuntimeError subclasses
+        raise TransientError(f"process {state.process_index}: another process of this run stopped while this one "
+                             "waited for it; that process's error says why") from exc
 
 
 def _same_on_every_process(run_id: str) -> str:

@@ -33,6 +33,18 @@ def test_two_processes_train_one_run_and_upload_once(tiny_model, tmp_path):
     assert sum("uploading" in l and "_SUCCESS" in l for l in lines) == 1
 
 
+def test_bad_data_with_two_processes_is_one_data_error_not_a_crash_of_the_other(tiny_model, tmp_path):
+    """The node's first process reads the data while the other waits: its error (exit 3, file and row) is the one
+    reported; the waiting process does not add an "internal error" of its own."""
+    (tmp_path / "bad.jsonl").write_text('{"text": "Q", "output": "A"}\n{"text": "Q2"}\n', encoding="utf-8")
+    launch = [sys.executable, str(ROOT / "docker" / "launch.py"), "--standalone", "--nproc-per-node", "2", "-m", "job"]
+    env = job_env(JOB_STAGE="sft", JOB_BASE_MODEL=str(tiny_model), JOB_DATA=str(tmp_path / "bad.jsonl"),
+                  JOB_OUTPUT=str(tmp_path / "out"), JOB_WORKDIR=str(tmp_path / "w"), OMP_NUM_THREADS="1")
+    r = subprocess.run(launch, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert "bad.jsonl: row 2" in r.stderr and "internal error" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
 def _workers(launcher_pid: int) -> dict[int, int]:
     """torchrun's worker processes (children of the launcher), by their RANK."""
     import os
@@ -57,7 +69,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_the_run_resum
 
     launch = [sys.executable, str(ROOT / "docker" / "launch.py"), "--standalone", "--nproc-per-node", "2", "-m", "job"]
     env = job_env(JOB_STAGE="sft", JOB_BASE_MODEL=str(tiny_model), JOB_DATA=str(DEMO_DATA / "sft.jsonl"), JOB_OUTPUT=str(tmp_path / "out"),
-                  JOB_WORKDIR=str(tmp_path / "w"), JOB_RUN_ID="multi", JOB_TRAIN__MAX_STEPS="400", JOB_TRAIN__SAVE_STEPS="0",
+                  JOB_WORKDIR=str(tmp_path / "w"), JOB_RUN_ID="multi", JOB_TRAIN__MAX_STEPS="30", JOB_TRAIN__SAVE_STEPS="0",
                   JOB_TRAIN__LOGGING_STEPS="1", JOB_LOG_FORMAT="json", JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE="1",
                   JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS="1", JOB_TRAIN__MAX_LENGTH="128", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(launch, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -86,15 +98,15 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_the_run_resum
     step = int(done[0].parent.name.split("-")[1])
     # Both ranks saved this same step: each process's RNG state is in the one checkpoint.
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in done[0].parent.iterdir()}
-    assert 3 <= step < 400
+    assert 3 <= step < 30
 
-    # The retried pod group: same run id, fresh disks; it continues from that checkpoint and finishes.
-    env.update(JOB_WORKDIR=str(tmp_path / "w2"), JOB_TRAIN__MAX_STEPS=str(step + 2))
+    # The retried pod group: same run id and config, fresh disks; it continues from that checkpoint and finishes.
+    env.update(JOB_WORKDIR=str(tmp_path / "w2"))
     r = subprocess.run(launch, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     meta = json.loads((run / "run.json").read_text())
     assert meta["resumed_from"] == f"checkpoint-{step}" and meta["world_size"] == 2
-    assert json.loads((run / "metrics.json").read_text())["steps"] == step + 2 and (run / "_SUCCESS").exists()
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 30 and (run / "_SUCCESS").exists()
 
 
 AGREE = r'''

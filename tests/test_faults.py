@@ -212,5 +212,5 @@ def test_403_exits_2_at_once_naming_the_uri(job, proxy, s3):
     r = run_job(job("denied"))
     assert r.returncode == ExitCode.CONFIG, r.stderr[-3000:]
     _clean(r)
-    assert f"s3://{s3.bucket}/runs/denied/" in r.stderr and "access denied" in r.stderr
+    assert f"JOB_OUTPUT: s3://{s3.bucket}/runs/denied: access denied" in r.stderr  # the variable and the run's URI
     assert len(proxy.log) == 1 and time.monotonic() - t0 < 60  # the first request, not retried

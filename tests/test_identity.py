@@ -89,7 +89,8 @@ def test_oom_with_checkpointing_off_starts_again_with_it_on(tiny_model, tmp_path
     from job.settings import load_settings
     from job.stages import common
 
-    monkeypatch.setattr(common, "use_checkpointing", lambda *a, **k: False)  # what `auto` decides on a big GPU
+    # What `auto` decides on a big GPU (off); an explicit setting is kept.
+    monkeypatch.setattr(common, "use_checkpointing", lambda s, *a, **k: s.train.gradient_checkpointing == "true")
     real_step = SFTTrainer.training_step
 
     def step(self, *a, **kw):  # activations of this micro-batch don't fit without checkpointing
