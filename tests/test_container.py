@@ -336,7 +336,9 @@ def bucket(s3, tiny_model):
 
 
 def job_env(s3, **extra) -> dict:
+    # A random tiny model never says EOS: its before/after answers would run to the default 256 tokens each.
     return {**AWS_ENV, "AWS_ENDPOINT_URL": s3.env["AWS_ENDPOINT_URL"], "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2",
+            "JOB_EVAL_MAX_NEW_TOKENS": "16",
             "JOB_STAGE": "sft", "JOB_BASE_MODEL": f"s3://{s3.bucket}/models/tiny/", "JOB_DATA": f"s3://{s3.bucket}/data/sft/",
             "JOB_OUTPUT": f"s3://{s3.bucket}/runs", "JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "2",
             "JOB_TRAIN__MAX_LENGTH": "128", "JOB_TRAIN__LOGGING_STEPS": "1", **extra}
@@ -400,7 +402,7 @@ def test_compose_trial_seeds_the_store_and_trains(image, s3_server, volumes):
     for name, value in services["job"]["environment"].items():
         assert value.startswith("${"), f"{name}: compose takes it from the shell, never from the file"
     env.update(AWS_ACCESS_KEY_ID=AWS_ENV["AWS_ACCESS_KEY_ID"], AWS_SECRET_ACCESS_KEY=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
-               AWS_ENDPOINT_URL=s3_server, OMP_NUM_THREADS="2")
+               AWS_ENDPOINT_URL=s3_server, OMP_NUM_THREADS="2", JOB_EVAL_MAX_NEW_TOKENS="16")  # as in job_env
     seed = services["seed"]
     host, inside = seed["volumes"][0].removesuffix(":ro").split(":")
     r = run_image(*seed["command"], env=env, mounts={str((ROOT / "docker" / host).resolve()): f"{inside}:ro"})

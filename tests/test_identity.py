@@ -101,7 +101,7 @@ def test_oom_with_checkpointing_off_starts_again_with_it_on(tiny_model, tmp_path
     monkeypatch.setattr(SFTTrainer, "training_step", step)
     base = {"JOB_STAGE": "sft", "JOB_BASE_MODEL": str(tiny_model), "JOB_DATA": str(DEMO_DATA / "sft.jsonl"),
             "JOB_OUTPUT": str(tmp_path / "out"), "JOB_WORKDIR": str(tmp_path / "w"), "JOB_TRAIN__MAX_STEPS": "2",
-            "JOB_TRAIN__SAVE_STEPS": "0", "JOB_TRAIN__MAX_LENGTH": "128"}
+            "JOB_TRAIN__SAVE_STEPS": "0", "JOB_TRAIN__MAX_LENGTH": "128", "JOB_EVAL_MAX_NEW_TOKENS": "16"}
     out = pipeline.run(load_settings({**base, "JOB_RUN_ID": "auto"}))
     assert (tmp_path / "out" / "auto" / "_SUCCESS").exists() and out.endswith("auto")
     assert any("starting again with it on" in r.getMessage() for r in caplog.records)
