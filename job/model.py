@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -98,13 +99,27 @@ def device_for_rank() -> str:
     return "cpu"
 
 
+@contextlib.contextmanager
+def model_errors(s: JobSettings, doing: str):
+    """What transformers raises while reading JOB_BASE_MODEL (its config or its weights), as a ModelError naming it."""
+    try:
+        yield
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelError(f"JOB_BASE_MODEL: {s.base_model} needs custom code; set JOB_TRUST_REMOTE_CODE=true if you "
+                             "trust it") from None
+        raise ModelError(f"JOB_BASE_MODEL: {s.base_model}: {doing}: {exc}") from None
+    except OSError as exc:
+        raise ModelError(f"JOB_BASE_MODEL: {s.base_model}: {doing}: {exc}") from None
+
+
 def load_base_model(model_dir: Path, settings: JobSettings):
     from transformers import AutoModelForCausalLM
 
     if not any(model_dir.glob("*.safetensors")):
-        raise ModelError(f"{model_dir}: no *.safetensors weights (pickled .bin/.pt weights are not loaded)")
+        raise ModelError(f"JOB_BASE_MODEL: {settings.base_model}: no *.safetensors weights (pickled .bin/.pt weights are not loaded)")
     device = device_for_rank()
-    try:
+    with model_errors(settings, "can't load the model"):
         model = AutoModelForCausalLM.from_pretrained(
             model_dir,
             quantization_config=quantization_config(settings.quant),
@@ -115,12 +130,6 @@ def load_base_model(model_dir: Path, settings: JobSettings):
             attn_implementation=attention.choose(device),
             device_map={"": device},
         )
-    except ValueError as exc:
-        if "trust_remote_code" in str(exc):
-            raise ModelError(f"{model_dir}: the model needs custom code; set JOB_TRUST_REMOTE_CODE=true if you trust it") from None
-        raise ModelError(f"{model_dir}: can't load the model: {exc}") from None
-    except OSError as exc:
-        raise ModelError(f"{model_dir}: can't load the model: {exc}") from None
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with gradient checkpointing
     return model
 

@@ -199,16 +199,12 @@ def meta_model(s: JobSettings, model_dir: Path):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    try:
+    from job.model import model_errors
+
+    with model_errors(s, "can't read its config.json"):
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=s.trust_remote_code)
         with init_empty_weights():
             return AutoModelForCausalLM.from_config(config, trust_remote_code=s.trust_remote_code)
-    except ValueError as exc:
-        if "trust_remote_code" in str(exc):
-            raise ModelError(f"JOB_BASE_MODEL: {s.base_model} needs custom code; set JOB_TRUST_REMOTE_CODE=true if you trust it") from None
-        raise ModelError(f"JOB_BASE_MODEL: {s.base_model}: can't read its config.json: {exc}") from None
-    except OSError as exc:
-        raise ModelError(f"JOB_BASE_MODEL: {s.base_model}: can't read its config.json: {exc}") from None
 
 
 def _linear_names(model) -> dict[str, object]:

@@ -79,7 +79,7 @@ def run(s: JobSettings) -> str:
     from transformers import AutoModelForCausalLM
 
     from job import outputs
-    from job.model import load_adapter, load_tokenizer
+    from job.model import load_adapter, load_tokenizer, model_errors
     from job import preflight
     from job.pipeline import _distributed_state
 
@@ -110,11 +110,9 @@ def run(s: JobSettings) -> str:
     dtype = getattr(torch, s.quant.compute_dtype)
     if not any(base_dir.glob("*.safetensors")):
         raise ModelError(f"JOB_BASE_MODEL: {s.base_model}: no *.safetensors weights (pickled weights are not loaded)")
-    try:
+    with model_errors(s, "can't load the model"):
         base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, use_safetensors=True, device_map={"": "cpu"},
                                                     trust_remote_code=s.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"JOB_BASE_MODEL: {s.base_model}: can't load the model: {exc}") from None
     model = load_adapter(base, adapter_dir)
     try:
         with torch.no_grad():
