@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import types
 from pathlib import Path
 
 import torch
@@ -159,3 +160,51 @@ def load_adapter(model, adapter_dir: Path):
         return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
     except Exception as exc:
         raise ModelError(f"{adapter_dir}: the adapter does not fit the base model: {type(exc).__name__}: {exc}") from None
+
+
+def four_bit_layers(model) -> list:
+    """The model's bitsandbytes 4-bit linear layers (inside PEFT's LoRA layers too: they are their `base_layer`)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def dequantized_bytes(model) -> int:
+    """What keep_dequantized would add: each 4-bit weight's full shape in its layer's compute dtype."""
+    return sum(m.weight.quant_state.shape.numel() * _compute_dtype(m).itemsize for m in four_bit_layers(model))
+
+
+def keep_dequantized(model) -> int:
+    """Give every 4-bit linear layer one copy of its weight dequantized to the compute dtype, used in place of
+    bitsandbytes' dequantization in every call; returns the bytes added.
+
+    For a training micro-batch (more than ~1,500 tokens on CUDA, any size on the CPU) bitsandbytes 0.50 computes
+    `linear(x, dequantize_4bit(W).to(x.dtype))` in the forward and `grad @ dequantize_4bit(W).to(grad.dtype)` in the
+    backward: with the copy, the same products without the dequantize kernels (4% of a 13B step on an H200, plus the
+    memory traffic they cause). For a few tokens (generation) bitsandbytes uses a fused 4-bit kernel that rounds
+    differently; the copy's plain bf16 product is then the reference one. The copy is a buffer that is never saved
+    (state dicts, adapters and checkpoints don't change) and takes no gradient."""
+    import bitsandbytes as bnb
+
+    added = 0
+    for layer in four_bit_layers(model):
+        if "_dequantized" in layer._buffers or getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+            continue  # kept already, or repacked by bitsandbytes for its CPU inference kernel (not dequantizable)
+        weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(_compute_dtype(layer))
+        layer.register_buffer("_dequantized", weight, persistent=False)
+        layer.forward = types.MethodType(_forward_dequantized, layer)
+        added += weight.numel() * weight.element_size()
+    return added
+
+
+def _compute_dtype(layer) -> torch.dtype:
+    return layer.compute_dtype or layer.weight.quant_state.dtype
+
+
+def _forward_dequantized(self, x: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' Linear4bit.forward with the kept weight: input in the compute dtype, output in the input's."""
+    w = self._dequantized
+    bias = None if self.bias is None else self.bias.to(w.dtype)
+    return torch.nn.functional.linear(x.to(w.dtype), w, bias).to(x.dtype)

@@ -135,6 +135,9 @@ def final_metrics(stage: str, trainer, train_result, eval_metrics: dict | None, 
         "tokens_per_second_per_device": round(session_tokens / runtime / trainer.args.world_size, 2) if runtime and session_tokens else None,
         "peak_gpu_memory_gib": None,
         "peak_gpu_memory_reserved_gib": None,
+        # How this run spent memory for speed: activations kept (checkpointing off), a dequantized copy of the base.
+        "gradient_checkpointing": bool(trainer.args.activation_checkpointing),
+        "dequantized_copy_gib": getattr(trainer, "job_dequantized_gib", None),
         # What the length policy did (job/sequences.py): examples kept, prompts cut, dropped, and the first rows of each.
         "length_policy": lengths,
     }

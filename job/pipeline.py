@@ -116,27 +116,34 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
 
 
 def _train(s: JobSettings, plan: preflight.Plan, base_dir: Path, stop: StopSignal, progress_bar: bool):
-    """Load the model, build the stage's trainer and train. Under JOB_TRAIN__GRADIENT_CHECKPOINTING=auto, a run that
-    runs out of GPU memory with checkpointing off starts again with it on, from its last checkpoint (the estimate
-    behind `auto` can be wrong: allocator fragmentation, another process on the GPU)."""
+    """Load the model, build the stage's trainer and train. A run that runs out of GPU memory on a choice `auto` made
+    (the estimate behind it can be wrong: allocator fragmentation, another process on the GPU) starts again from its
+    last checkpoint without that choice: first without the dequantized copy of the base (JOB_QUANT__KEEP_DEQUANTIZED),
+    then with gradient checkpointing on (JOB_TRAIN__GRADIENT_CHECKPOINTING)."""
     import torch
 
-    attempts = [None, True] if s.train.gradient_checkpointing == "auto" else [None]
-    for i, forced in enumerate(attempts):
+    forced: dict = {"checkpointing": None, "keep_dequantized": None}
+    while True:
         used: dict = {}
         try:
-            return _train_once(s, plan, base_dir, stop, progress_bar, checkpointing=forced, used=used)
+            return _train_once(s, plan, base_dir, stop, progress_bar, forced=forced, used=used)
         except torch.OutOfMemoryError:
-            if used.get("checkpointing", True) or i == len(attempts) - 1:  # nothing left to try
+            if used.get("dequantized") and s.quant.keep_dequantized == "auto":
+                forced["keep_dequantized"] = False
+                what = "with the 4-bit base dequantized once (JOB_QUANT__KEEP_DEQUANTIZED=auto guessed it would fit): " \
+                       "starting again without the copy"
+            elif used.get("checkpointing") is False and s.train.gradient_checkpointing == "auto":
+                forced["checkpointing"] = True
+                what = "with gradient checkpointing off (JOB_TRAIN__GRADIENT_CHECKPOINTING=auto guessed it would fit): " \
+                       "starting again with it on"
+            else:  # nothing left to try
                 raise OutOfMemory(_oom_message(s, used)) from None
-            log.warning("out of GPU memory with gradient checkpointing off (JOB_TRAIN__GRADIENT_CHECKPOINTING=auto "
-                        "guessed it would fit): starting again with it on", extra={"fields": {"event": "oom_retry"}})
+            log.warning("out of GPU memory %s", what, extra={"fields": {"event": "oom_retry"}})
         # Outside the except block, so that the failed attempt's frames (and its model) can be freed.
         used.clear()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    raise AssertionError("unreachable")
 
 
 def _oom_message(s: JobSettings, used: dict) -> str:
@@ -144,10 +151,11 @@ def _oom_message(s: JobSettings, used: dict) -> str:
     return (f"out of GPU memory with gradient checkpointing {'on' if used.get('checkpointing') else 'off'}: lower "
             f"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE (now {t.per_device_train_batch_size}; raise "
             f"JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS to keep the step size) or JOB_TRAIN__MAX_LENGTH (now {t.max_length})"
-            + ("" if used.get("checkpointing") else ", or set JOB_TRAIN__GRADIENT_CHECKPOINTING=true"))
+            + ("" if used.get("checkpointing") else ", or set JOB_TRAIN__GRADIENT_CHECKPOINTING=true")
+            + (", or set JOB_QUANT__KEEP_DEQUANTIZED=false" if used.get("dequantized") else ""))
 
 
-def _train_once(s, plan, base_dir, stop, progress_bar, *, checkpointing, used):
+def _train_once(s, plan, base_dir, stop, progress_bar, *, forced, used):
     from job import evaluate, outputs
     from job.model import load_adapter, load_base_model
     from job.stages import dpo, sft
@@ -156,7 +164,9 @@ def _train_once(s, plan, base_dir, stop, progress_bar, *, checkpointing, used):
     checkpoints = plan.remote.join("checkpoints")
     with _first_process_per_node():
         resume_from = pull_latest(checkpoints, plan.workdir / "resume", tok, identity=plan.identity["sha256"])
+    t0 = time.monotonic()
     model = load_base_model(base_dir, s)  # 4-bit NF4 by default, on this process's GPU
+    log.info("base model loaded in %.1fs (%s)", time.monotonic() - t0, s.quant.load_in)
     if plan.adapter_dir:
         model = load_adapter(model, plan.adapter_dir)
     stage = sft if s.stage == "sft" else dpo
@@ -165,8 +175,10 @@ def _train_once(s, plan, base_dir, stop, progress_bar, *, checkpointing, used):
     callbacks = [CheckpointCallback(checkpoints, stop, tok), metrics_cb]
     trainer = stage.build_trainer(s, model, plan.tokenizer, plan.train.rows, plan.eval.rows if plan.eval else None,
                                   plan.workdir / "checkpoints", callbacks, progress_bar=progress_bar,
-                                  checkpointing=checkpointing, identity=plan.identity["sha256"])
-    used["checkpointing"] = trainer.args.activation_checkpointing
+                                  checkpointing=forced["checkpointing"], keep_dequantized=forced["keep_dequantized"],
+                                  identity=plan.identity["sha256"])
+    used["checkpointing"] = bool(trainer.args.activation_checkpointing)
+    used["dequantized"] = trainer.job_dequantized_gib is not None
     if not progress_bar:
         from transformers import PrinterCallback
 

@@ -21,7 +21,8 @@ def pair_lengths(args, dataset) -> list[int]:
 
 
 def build_trainer(s: JobSettings, model, tokenizer, train_rows, eval_rows, checkpoint_dir: Path, callbacks, *,
-                  progress_bar: bool, checkpointing: bool | None = None, identity: str | None = None):
+                  progress_bar: bool, checkpointing: bool | None = None, keep_dequantized: bool | None = None,
+                  identity: str | None = None):
     """`train_rows`/`eval_rows`: job/sequences.py's fitted rows (prompt_ids, chosen_ids, rejected_ids), already within
     JOB_TRAIN__MAX_LENGTH with both answers whole."""
     from trl import DPOTrainer
@@ -29,4 +30,4 @@ def build_trainer(s: JobSettings, model, tokenizer, train_rows, eval_rows, check
     args = training_args(s, checkpoint_dir, has_eval=bool(eval_rows), progress_bar=progress_bar, model=model,
                          sequences_per_example=2, checkpointing=checkpointing)  # chosen and rejected
     return make_trainer(DPOTrainer, s, model, args, tokenizer, train_rows, eval_rows, callbacks, pair_lengths,
-                        identity=identity)
+                        identity=identity, sequences_per_example=2, keep_dequantized=keep_dequantized)

@@ -18,7 +18,8 @@ def example_lengths(args, dataset) -> list[int] | None:
 
 
 def build_trainer(s: JobSettings, model, tokenizer, train_rows, eval_rows, checkpoint_dir: Path, callbacks, *,
-                  progress_bar: bool, checkpointing: bool | None = None, identity: str | None = None):
+                  progress_bar: bool, checkpointing: bool | None = None, keep_dequantized: bool | None = None,
+                  identity: str | None = None):
     """`train_rows`/`eval_rows`: job/sequences.py's fitted rows (input_ids, completion_mask), already within
     JOB_TRAIN__MAX_LENGTH; TRL builds the labels from the completion mask and packs them."""
     from trl import SFTTrainer
@@ -26,4 +27,4 @@ def build_trainer(s: JobSettings, model, tokenizer, train_rows, eval_rows, check
     args = training_args(s, checkpoint_dir, has_eval=bool(eval_rows), progress_bar=progress_bar, model=model,
                          checkpointing=checkpointing)
     return make_trainer(SFTTrainer, s, model, args, tokenizer, train_rows, eval_rows, callbacks, example_lengths,
-                        identity=identity)
+                        identity=identity, keep_dequantized=keep_dequantized)

@@ -1,0 +1,165 @@
+"""JOB_QUANT__KEEP_DEQUANTIZED: one copy of the 4-bit base dequantized once (job/model.py) computes what bitsandbytes
+computes on every call, trains the same adapter, is never saved, is chosen by `auto` only where memory allows, and is
+the first thing dropped when a run runs out of GPU memory. The speed it buys is measured on the GPU (bench/NOTES.md)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import DEMO_DATA
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _four_bit_lora_model(tiny_model):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from job.model import quantization_config
+    from job.settings import QuantSettings
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_model, quantization_config=quantization_config(QuantSettings()),
+                                             dtype=torch.bfloat16, device_map={"": "cpu"})  # the CPU on any machine
+    torch.manual_seed(0)
+    return get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+
+
+def test_the_kept_copy_gives_bitsandbytes_logits_and_gradients_without_calling_it(tiny_model, monkeypatch):
+    """Exactly equal logits and LoRA gradients, and bitsandbytes' 4-bit matmul is not called once the copy is kept
+    (the control: without the copy, the same patched model fails at its first layer)."""
+    import bitsandbytes as bnb
+    import torch
+
+    from job.model import dequantized_bytes, four_bit_layers, keep_dequantized
+
+    ids = torch.randint(5, 500, (2, 48), generator=torch.Generator().manual_seed(1))
+
+    def run(m):
+        out = m(input_ids=ids, labels=ids)
+        out.loss.backward()
+        return out.logits.detach().float(), {n: p.grad.float() for n, p in m.named_parameters() if p.requires_grad}
+
+    base, fast = _four_bit_lora_model(tiny_model), _four_bit_lora_model(tiny_model)
+    expected = dequantized_bytes(fast)
+    assert expected == sum(layer.weight.quant_state.shape.numel() * 2 for layer in four_bit_layers(fast)) > 0
+    assert keep_dequantized(fast) == expected
+    assert keep_dequantized(fast) == 0  # once
+    la, ga = run(base)
+
+    def no_dequantize(*a, **kw):
+        raise AssertionError("bitsandbytes' 4-bit matmul was called")
+
+    monkeypatch.setattr(bnb, "matmul_4bit", no_dequantize)  # what Linear4bit.forward calls
+    with pytest.raises(AssertionError, match="4-bit matmul was called"):
+        run(base)
+    lb, gb = run(fast)
+    torch.testing.assert_close(lb, la, atol=0, rtol=0)
+    assert ga.keys() == gb.keys() and ga
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], atol=0, rtol=0)
+    assert not any("_dequantized" in k for k in fast.state_dict())
+
+
+def _run(tiny_model, tmp_path, run_id, **env):
+    from job import pipeline
+    from job.settings import load_settings
+
+    base = {"JOB_STAGE": "sft", "JOB_BASE_MODEL": str(tiny_model), "JOB_DATA": str(DEMO_DATA / "sft.jsonl"),
+            "JOB_OUTPUT": str(tmp_path / "out"), "JOB_WORKDIR": str(tmp_path / "w" / run_id), "JOB_TRAIN__MAX_STEPS": "3",
+            "JOB_TRAIN__SAVE_STEPS": "0", "JOB_TRAIN__MAX_LENGTH": "128", "JOB_EVAL_PROMPTS": "none",
+            "JOB_RUN_ID": run_id, **env}
+    pipeline.run(load_settings(base))
+    return tmp_path / "out" / run_id
+
+
+def test_a_run_with_the_copy_trains_the_same_adapter_and_says_so(tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
+    with_copy = _run(tiny_model, tmp_path, "copy", JOB_QUANT__KEEP_DEQUANTIZED="true")
+    without = _run(tiny_model, tmp_path, "plain", JOB_QUANT__KEEP_DEQUANTIZED="false")
+    import torch
+
+    a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (with_copy, without))
+    assert a.keys() == b.keys() and not any("dequantized" in k for k in a)
+    # Bit for bit on the CPU. On CUDA the tiny model's micro-batches are small enough for bitsandbytes' fused 4-bit
+    # kernel, which rounds differently from the dequantized product (job/model.py): equal within bf16 rounding.
+    exact = not torch.cuda.is_available()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], **({"atol": 0, "rtol": 0} if exact else {"atol": 1e-4, "rtol": 1e-2}), msg=k)
+    m_copy, m_plain = (json.loads((d / "metrics.json").read_text()) for d in (with_copy, without))
+    assert m_copy["dequantized_copy_gib"] is not None and m_plain["dequantized_copy_gib"] is None  # (the tiny copy rounds to 0.0)
+    if exact:
+        assert m_copy["train_loss"] == m_plain["train_loss"]
+
+
+def test_auto_keeps_the_copy_only_when_checkpointing_is_off_and_it_fits(tiny_model, monkeypatch):
+    from job.model import dequantized_bytes
+    from job.settings import load_settings
+    from job.stages import common
+
+    model = _four_bit_lora_model(tiny_model)
+    s = load_settings({"JOB_STAGE": "sft", "JOB_BASE_MODEL": "/m", "JOB_DATA": "/d", "JOB_OUTPUT": "/o"})
+    assert s.quant.keep_dequantized == "auto"
+    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: False)
+    assert not common.use_dequantized(s, model, 1, False, checkpointing=False)  # no GPU: the copy would only cost memory
+    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: True)
+    need = common._activation_need(s, model, 1, False)
+    copy = dequantized_bytes(model)
+    monkeypatch.setattr(common, "_free_gpu_bytes", lambda m: int((need + copy) / 0.9) + 1)
+    assert common.use_dequantized(s, model, 1, False, checkpointing=False)
+    assert not common.use_dequantized(s, model, 2, False, checkpointing=False)  # DPO: twice the activations
+    assert not common.use_dequantized(s, model, 1, False, checkpointing=True)  # memory is short: no copy
+    monkeypatch.setattr(common, "_free_gpu_bytes", lambda m: int((need + copy) / 0.9) - copy // 2)
+    assert not common.use_dequantized(s, model, 1, False, checkpointing=False)
+    for setting, kept in (("true", True), ("on", True), ("false", False), ("0", False)):
+        s2 = load_settings({"JOB_STAGE": "sft", "JOB_BASE_MODEL": "/m", "JOB_DATA": "/d", "JOB_OUTPUT": "/o",
+                            "JOB_QUANT__KEEP_DEQUANTIZED": setting})
+        assert common.use_dequantized(s2, model, 1, False, checkpointing=True) is kept
+
+
+def test_a_copy_of_weights_that_are_not_4bit_is_a_config_error_naming_the_variables():
+    from job.errors import ConfigError
+    from job.settings import load_settings
+
+    with pytest.raises(ConfigError) as e:
+        load_settings({"JOB_STAGE": "sft", "JOB_BASE_MODEL": "/m", "JOB_DATA": "/d", "JOB_OUTPUT": "/o",
+                       "JOB_QUANT__LOAD_IN": "8bit", "JOB_QUANT__KEEP_DEQUANTIZED": "true"})
+    assert "JOB_QUANT__KEEP_DEQUANTIZED" in str(e.value) and "JOB_QUANT__LOAD_IN=8bit" in str(e.value)
+
+
+def test_out_of_memory_drops_the_copy_first_then_turns_checkpointing_on(tiny_model, tmp_path, monkeypatch, caplog):
+    """`auto` guessed that both the copy and the activations fit; the GPU said otherwise twice: the run drops the copy,
+    then turns checkpointing on, and succeeds. A copy the user asked for is not dropped: exit 5 names the setting."""
+    import torch
+    from trl import SFTTrainer
+
+    from job.errors import OutOfMemory
+    from job.stages import common
+
+    # What `auto` decides on a big GPU: checkpointing off, the copy kept.
+    monkeypatch.setattr(common, "use_checkpointing", lambda s, *a, **k: s.train.gradient_checkpointing == "true")
+    monkeypatch.setattr(common, "use_dequantized", lambda s, *a, **k: s.quant.keep_dequantized != "false")
+    real_step = SFTTrainer.training_step
+    seen = []
+
+    def step(self, *a, **kw):  # fits only without the copy and with checkpointing
+        seen.append((self.job_dequantized_gib is not None, bool(self.args.activation_checkpointing)))
+        if self.job_dequantized_gib is not None or not self.args.activation_checkpointing:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(SFTTrainer, "training_step", step)
+    out = _run(tiny_model, tmp_path, "auto")
+    assert (out / "_SUCCESS").exists()
+    assert seen[:3] == [(True, False), (False, False), (False, True)]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("starting again without the copy" in m for m in messages)
+    assert any("starting again with it on" in m for m in messages)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dequantized_copy_gib"] is None and metrics["gradient_checkpointing"] is True
+
+    with pytest.raises(OutOfMemory) as e:
+        _run(tiny_model, tmp_path, "asked", JOB_QUANT__KEEP_DEQUANTIZED="true", JOB_TRAIN__GRADIENT_CHECKPOINTING="true")
+    assert "JOB_QUANT__KEEP_DEQUANTIZED=false" in str(e.value) and not (tmp_path / "out" / "asked" / "_SUCCESS").exists()
