@@ -82,8 +82,12 @@ VARIANTS = {
     "sdpa": {"_attn": "sdpa"},
     "cudnn": {"_cudnn": "1"},
     "dropout0": {"JOB_LORA__DROPOUT": "0"},
-    # bench/levers.py: one bf16 copy of the dequantized 4-bit base instead of dequantizing in every call (+24 GiB at 13B)
-    "dequant": {"_dequant": "1"},
+    # The 4-bit base dequantized once (JOB_QUANT__KEEP_DEQUANTIZED, +24 GiB at 13B): `auto` keeps it where it fits
+    # (so `default` has it on a big card); these force it either way for the A/B.
+    "dequant": {"JOB_QUANT__KEEP_DEQUANTIZED": "true"},
+    "nodequant": {"JOB_QUANT__KEEP_DEQUANTIZED": "false"},
+    # transformers' torch.compile of the whole model (TrainingArguments.torch_compile), its warm-up counted.
+    "compile": {"JOB_TRAIN__TORCH_COMPILE": "true"},
     "nogc": variant(4, 4, "false"),
 }
 
@@ -327,10 +331,7 @@ def run_job(stage: str, ctx: dict, name: str, overrides: dict, steps: int, adapt
         r["per_device_train_batch_size"] = trainer.args.per_device_train_batch_size
         r["gradient_accumulation_steps"] = trainer.args.gradient_accumulation_steps
         r["attn_implementation"] = trainer.model.config._attn_implementation
-        if "_dequant" in switches:
-            import levers  # bench/levers.py
-
-            r["dequantized_gib"] = round(levers.dequantize_once(trainer.model) / 2**30, 2)
+        r["dequantized_gib"] = trainer.job_dequantized_gib  # what JOB_QUANT__KEEP_DEQUANTIZED chose (None: no copy)
         return trainer
 
     r: dict = {"name": name, "who": "job", "stage": stage, "max_steps": steps, "overrides": overrides,
@@ -491,7 +492,8 @@ def run_e2e(ctx: dict) -> dict:
         t0 = time.perf_counter()
         p = subprocess.run([sys.executable, "-m", "job"], env=env, cwd=ROOT, capture_output=True, text=True)
         wall = time.perf_counter() - t0
-        (ctx["work"] / f"e2e-{stage}.log").write_text(p.stdout + p.stderr)
+        # The job's JSON log (timestamped): where the time outside training goes (imports, load, generations, upload).
+        (ctx.get("out", ctx["work"]) / f"e2e-{stage}.log.jsonl").write_text(p.stdout + p.stderr)
         s = {"stage": stage, "run_id": env["JOB_RUN_ID"], "exit_code": p.returncode, "wall_s": round(wall, 2),
              "settings": {k: v for k, v in env.items() if k.startswith("JOB_") and k not in paths and k != "JOB_DATA"}}
         if p.returncode != 0:
@@ -619,6 +621,7 @@ def cmd_run(a, argv: list[str]) -> int:
     result_path = out_dir / f"bench-{a.shape}{('-' + a.tag) if a.tag else ''}.json"
     ctx = prepare(a.shape, Path(a.work), env, a.sft_examples, a.dpo_pairs)
     ctx["warmup"] = a.warmup_steps
+    ctx["out"] = out_dir
     res = {"shape": a.shape, "environment": env, "matmul_params": ctx["n"], "model_build_s": ctx["model_build_s"],
            "data": ctx["data_stats"], "flop_formula": __doc__.split("Numbers (each run): ")[1].strip(), "runs": []}
 

@@ -108,47 +108,6 @@ def test_the_parts_options_still_describe_the_same_runs():
         ("sft", "job", ["default"], 8), ("sft", "unsloth", ["unsloth_lowmem", "unsloth"], None), ("sft+dpo", "e2e", ["e2e"], None)]
 
 
-def test_dequantize_once_computes_what_bitsandbytes_computes(tiny_model, monkeypatch):
-    """bench/levers.py's kept bf16 copy of the 4-bit base gives the same logits and LoRA gradients as bitsandbytes'
-    per-call dequantization (on the CPU here; the bench's `dequant` variant measures the speed on the GPU)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    import levers
-
-    def model():
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-        m = AutoModelForCausalLM.from_pretrained(tiny_model, quantization_config=q, dtype=torch.bfloat16)
-        torch.manual_seed(0)
-        m = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
-        return m
-
-    ids = torch.randint(5, 500, (2, 48), generator=torch.Generator().manual_seed(1))
-
-    def run(m):
-        out = m(input_ids=ids, labels=ids)
-        out.loss.backward()
-        return out.logits.detach().float(), {n: p.grad.float() for n, p in m.named_parameters() if p.requires_grad}
-
-    base, fast = model(), model()
-    added = levers.dequantize_once(fast)
-    assert added == sum(m.weight.quant_state.shape.numel() * 2 for m in fast.modules() if hasattr(m, "_dequantized"))
-    assert added > 0
-    la, ga = run(base)
-    import bitsandbytes as bnb
-
-    def no_dequantize(*a, **kw):
-        raise AssertionError("bitsandbytes' 4-bit matmul was called: the kept copy is not in use")
-
-    monkeypatch.setattr(bnb, "matmul_4bit", no_dequantize)  # what Linear4bit.forward calls
-    lb, gb = run(fast)
-    torch.testing.assert_close(lb, la, atol=0, rtol=0)
-    for n in ga:
-        torch.testing.assert_close(gb[n], ga[n], atol=0, rtol=0)
-
-
 def test_headline_keeps_a_measurement_over_a_later_skip(tmp_path):
     def result(name, runs):
         path = tmp_path / name
