@@ -86,8 +86,6 @@ VARIANTS = {
     # (so `default` has it on a big card); these force it either way for the A/B.
     "dequant": {"JOB_QUANT__KEEP_DEQUANTIZED": "true"},
     "nodequant": {"JOB_QUANT__KEEP_DEQUANTIZED": "false"},
-    # transformers' torch.compile of the whole model (TrainingArguments.torch_compile), its warm-up counted.
-    "compile": {"JOB_TRAIN__TORCH_COMPILE": "true"},
     "nogc": variant(4, 4, "false"),
 }
 

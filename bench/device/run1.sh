@@ -18,14 +18,15 @@ source bench/device/common.sh
 # then packed vs unpacked per-example losses through the job's own model loading and TRL's collator (tiny model).
 timeout 120 python3 bench/attn_check.py --device "$DEVICE" --out "$OUT/attn.json"
 at "attn_check exit $?"
-timeout 200 python3 -m pytest -q -p no:cacheprovider -rA tests/test_attention.py tests/test_packing.py > "$OUT/pytest-cuda.txt" 2>&1
+timeout 200 python3 -m pytest -q -p no:cacheprovider -rA tests/test_attention.py tests/test_packing.py tests/test_dequantized.py > "$OUT/pytest-cuda.txt" 2>&1
 at "pytest exit $?"; tail -3 "$OUT/pytest-cuda.txt"
 ready
 
-# The benchmark, most valuable first: the job's new default (varlen attention), the best peer (Unsloth, checkpointing
-# off), stock TRL at its best, the job's low-memory setting, DPO, then the same-process A/B of the attention lever (the
-# old sdpa path), the kept dequantized base (bench/levers.py) and LoRA dropout 0 (a speed figure only). PLAN=... overrides.
-: "${PLAN:=sft:job:default@10,sft:unsloth:unsloth@10,sft:trl:trl_best@10,sft:job:lowmem4@8,dpo:job:default,sft:job:sdpa@10,sft:job:dequant@8,sft:job:dropout0@8}"
+# The benchmark, most valuable first: the job's default (varlen attention; checkpointing off and the 4-bit base
+# dequantized once, both by `auto` on this card), the same without the copy (same-process A/B), the best peer (Unsloth,
+# checkpointing off), stock TRL at its best, DPO, the job's low-memory setting, then eight rows per micro-batch (fewer
+# micro-batches per step). PLAN=... overrides.
+: "${PLAN:=sft:job:default@10,sft:job:nodequant@10,sft:unsloth:unsloth@10,sft:trl:trl_best@10,dpo:job:default,sft:job:lowmem4@8,sft:job:nogc_bs8@10}"
 bench_run
 at "bench exit $?"
 headline
