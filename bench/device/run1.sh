@@ -25,8 +25,9 @@ ready
 # The benchmark, most valuable first: the job's default (varlen attention; checkpointing off and the 4-bit base
 # dequantized once, both by `auto` on this card), the same without the copy (same-process A/B), the best peer (Unsloth,
 # checkpointing off), stock TRL at its best, DPO, the job's low-memory setting, then eight rows per micro-batch (fewer
-# micro-batches per step). PLAN=... overrides.
-: "${PLAN:=sft:job:default@10,sft:job:nodequant@10,sft:unsloth:unsloth@10,sft:trl:trl_best@10,dpo:job:default,sft:job:lowmem4@8,sft:job:nogc_bs8@10}"
+# micro-batches per step). The default runs 20 optimizer steps, half of the seed's SFT epoch (~40 steps of 16 packed
+# rows), so that its whole-run figure weighs the warm-up against a run of realistic length. PLAN=... overrides.
+: "${PLAN:=sft:job:default@20,sft:job:nodequant@10,sft:unsloth:unsloth@10,sft:trl:trl_best@10,dpo:job:default,sft:job:lowmem4@8,sft:job:nogc_bs8@10}"
 bench_run
 at "bench exit $?"
 headline
