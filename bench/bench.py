@@ -304,6 +304,9 @@ def run_job(stage: str, ctx: dict, name: str, overrides: dict, steps: int, adapt
         "JOB_LOG_FORMAT": "json",
         "JOB_TRAIN__MAX_STEPS": str(steps),
         "JOB_TRAIN__LOGGING_STEPS": "1",  # per-step token counts for the steady-state rate
+        # No before/after generations: they are outside the training time every figure here is computed from, and
+        # took a minute of device time per 13B run (the e2e run keeps them: they are part of the workload).
+        "JOB_EVAL_PROMPTS": "none",
         **({"JOB_ADAPTER": adapter} if adapter else {}),
         **overrides,
     }

@@ -24,6 +24,7 @@ are capped at JOB_EVAL_MAX_NEW_TOKENS new tokens.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -45,6 +46,9 @@ TIME_BUDGET_S = 300.0
 #: At most this many prompts per generate() call: the token budget alone would batch hundreds of very short prompts,
 #: and 64 already keep a GPU busy while one slow answer holds up fewer others.
 MAX_BATCH = 64
+#: Share of the GPU memory available before or after training that generation may use (job/evaluate.py's
+#: _generation_memory): a dequantized copy of a 4-bit base and the KV cache.
+GPU_SHARE = 0.5
 #: Columns that hold a reference answer in a prompts-only file.
 REFERENCE_COLUMNS = ("completion", "output", "chosen", "answer", "reference")
 
@@ -169,8 +173,8 @@ def generate_after(trainer, tokenizer, prompts: list[Prompt], s) -> list[dict] |
 
 def _generate_logged(side: str, model, tokenizer, prompts, s) -> list[dict]:
     t0 = time.monotonic()
-    batch_tokens = s.train.per_device_eval_batch_size * s.train.max_length
-    out = generate(model, tokenizer, prompts, max_new_tokens=s.eval_max_new_tokens, batch_tokens=batch_tokens)
+    with _generation_memory(model, s) as batch_tokens:
+        out = generate(model, tokenizer, prompts, max_new_tokens=s.eval_max_new_tokens, batch_tokens=batch_tokens)
     seconds = time.monotonic() - t0
     done = [g for g in out if g["text"] is not None]
     log.info("generations (%s): %d of %d prompts answered in %.1fs, %d stopped at EOS", side, len(done), len(out),
@@ -178,6 +182,45 @@ def _generate_logged(side: str, model, tokenizer, prompts, s) -> list[dict]:
              extra={"fields": {"event": "generations", "side": side, "prompts": len(out), "answered": len(done),
                                "seconds": round(seconds, 2)}})
     return out
+
+
+@contextlib.contextmanager
+def _generation_memory(model, s):
+    """Yields the token budget of a generation batch. On a GPU, generation may use up to GPU_SHARE of the memory
+    available now (training's activations are not alive before or after training): for a 4-bit base without a kept
+    copy (job/model.py's keep_dequantized), a copy dequantized for the duration, so that each new token is not
+    paid for by dequantizing every layer again (bitsandbytes does that for any batch of more than one prompt; the
+    products are the same), then batches as large as the KV cache allows, so that the prompts take fewer passes.
+    The copy is released afterwards: training's memory is what it was. Elsewhere, or when the config does not say:
+    the eval batch's token count (JOB_TRAIN__PER_DEVICE_EVAL_BATCH_SIZE x JOB_TRAIN__MAX_LENGTH).
+    JOB_QUANT__KEEP_DEQUANTIZED=false: no copy here either."""
+    import torch
+
+    from job.model import dequantized_bytes, drop_dequantized, four_bit_layers, keep_dequantized, kv_cache_bytes_per_token
+
+    budget = s.train.per_device_eval_batch_size * s.train.max_length
+    device = next(model.parameters()).device
+    per_token = kv_cache_bytes_per_token(getattr(model, "config", None))
+    if device.type != "cuda" or per_token is None:
+        yield budget
+        return
+    per_token *= 2  # + the prompt pass's transient activations and the allocator's slack
+    free, _ = torch.cuda.mem_get_info(device)
+    room = GPU_SHARE * (free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    layers = four_bit_layers(model)
+    added = 0
+    if layers and s.quant.keep_dequantized != "false" and not any("_dequantized" in m._buffers for m in layers) \
+            and dequantized_bytes(model) + budget * per_token <= room:
+        added = keep_dequantized(model)
+    budget = max(budget, int((room - added) // per_token))
+    log.info("generation memory: batches of up to %d tokens%s", budget,
+             f", a {added / 2**30:.1f} GiB dequantized copy of the 4-bit base for the duration" if added else "")
+    try:
+        yield budget
+    finally:
+        if added:
+            drop_dequantized(model)
+            torch.cuda.empty_cache()
 
 
 def generate(model, tokenizer, prompts: list[Prompt], *, max_new_tokens: int, batch_tokens: int,

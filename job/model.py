@@ -208,3 +208,25 @@ def _forward_dequantized(self, x: torch.Tensor) -> torch.Tensor:
     w = self._dequantized
     bias = None if self.bias is None else self.bias.to(w.dtype)
     return torch.nn.functional.linear(x.to(w.dtype), w, bias).to(x.dtype)
+
+
+def drop_dequantized(model) -> int:
+    """Undo keep_dequantized: every layer back to bitsandbytes' own forward; returns the bytes released."""
+    freed = 0
+    for layer in four_bit_layers(model):
+        weight = layer._buffers.pop("_dequantized", None)
+        if weight is not None:
+            freed += weight.numel() * weight.element_size()
+            layer.__dict__.pop("forward", None)  # the class's forward again
+    return freed
+
+
+def kv_cache_bytes_per_token(config) -> int | None:
+    """Bytes of KV cache one token of a sequence takes in generation (keys and values, every layer, bf16); None when
+    the config does not say."""
+    n, h, heads = (getattr(config, k, None) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads"))
+    if not all(isinstance(v, int) and v > 0 for v in (n, h, heads)):
+        return None
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    return 2 * n * kv_heads * head_dim * 2

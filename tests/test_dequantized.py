@@ -163,3 +163,74 @@ def test_out_of_memory_drops_the_copy_first_then_turns_checkpointing_on(tiny_mod
     with pytest.raises(OutOfMemory) as e:
         _run(tiny_model, tmp_path, "asked", JOB_QUANT__KEEP_DEQUANTIZED="true", JOB_TRAIN__GRADIENT_CHECKPOINTING="true")
     assert "JOB_QUANT__KEEP_DEQUANTIZED=false" in str(e.value) and not (tmp_path / "out" / "asked" / "_SUCCESS").exists()
+
+
+def test_a_dropped_copy_gives_the_layers_back_to_bitsandbytes(tiny_model, monkeypatch):
+    """drop_dequantized (used after generations that kept a copy for their duration) releases every copy, and the
+    layers call bitsandbytes again (control: with bitsandbytes' matmul patched to fail, the dropped model fails)."""
+    import bitsandbytes as bnb
+    import torch
+
+    from job.model import dequantized_bytes, drop_dequantized, four_bit_layers, keep_dequantized
+
+    model = _four_bit_lora_model(tiny_model)
+    ids = torch.randint(5, 500, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    added = keep_dequantized(model)
+    assert drop_dequantized(model) == added == dequantized_bytes(model)
+    assert drop_dequantized(model) == 0
+    assert not any("_dequantized" in m._buffers or "forward" in m.__dict__ for m in four_bit_layers(model))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, atol=0, rtol=0)
+    monkeypatch.setattr(bnb, "matmul_4bit", lambda *a, **k: (_ for _ in ()).throw(AssertionError("bitsandbytes called")))
+    with pytest.raises(AssertionError, match="bitsandbytes called"), torch.no_grad():
+        model(input_ids=ids)
+
+
+def test_kv_cache_size_per_token_follows_the_config():
+    from transformers import LlamaConfig
+
+    from job.model import kv_cache_bytes_per_token
+
+    # llm-jp-3-13b: 40 layers, 40 heads of 128, no grouped KV: 800 KiB per token
+    assert kv_cache_bytes_per_token(LlamaConfig(num_hidden_layers=40, hidden_size=5120, num_attention_heads=40)) == 819200
+    assert kv_cache_bytes_per_token(LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                                num_key_value_heads=2)) == 2 * 2 * 2 * 16 * 2
+    assert kv_cache_bytes_per_token(object()) is None
+
+
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="generation memory is planned on a GPU only")
+def test_generations_on_a_gpu_use_a_copy_for_their_duration_and_answer_the_same(tiny_model, caplog):
+    """On CUDA the before/after generations keep a dequantized copy while they run and batch by the KV cache's size:
+    the greedy answers are those of bitsandbytes' own path, and the copy is gone (and its memory back) afterwards."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from job import evaluate
+    from job.model import four_bit_layers, keep_dequantized, quantization_config
+    from job.settings import QuantSettings, load_settings
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_model, quantization_config=quantization_config(QuantSettings()),
+                                             dtype=torch.bfloat16, device_map={"": "cuda"})
+    model = get_peft_model(m, LoraConfig(r=8, target_modules="all-linear"))
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    prompts = [evaluate.Prompt([{"role": "user", "content": f"question {i} " * (i + 1)}]) for i in range(6)]
+    env = {"JOB_STAGE": "sft", "JOB_BASE_MODEL": "/m", "JOB_DATA": "/d", "JOB_OUTPUT": "/o", "JOB_EVAL_MAX_NEW_TOKENS": "12"}
+    plain = evaluate._generate_logged("before", model, tok, prompts, load_settings({**env, "JOB_QUANT__KEEP_DEQUANTIZED": "false"}))
+    assert not any("for the duration" in r.getMessage() for r in caplog.records)  # `false` means no copy here either
+    allocated = torch.cuda.memory_allocated()
+    caplog.clear()
+    fast = evaluate._generate_logged("before", model, tok, prompts, load_settings(env))
+    assert any("dequantized copy of the 4-bit base for the duration" in r.getMessage() for r in caplog.records)
+    assert not any("_dequantized" in layer._buffers for layer in four_bit_layers(model))
+    assert torch.cuda.memory_allocated() <= allocated + 2**20  # the copy's memory is back
+    assert all(g["text"] is not None for g in fast) and len(fast) == len(plain) == len(prompts)
+    # The same answers as with a copy kept for the whole run (what training uses: the products the CPU test checks
+    # against bitsandbytes); bitsandbytes' own path for a few tokens is a fused kernel that rounds differently.
+    keep_dequantized(model)
+    caplog.clear()
+    kept = evaluate._generate_logged("before", model, tok, prompts, load_settings(env))
+    assert not any("for the duration" in r.getMessage() for r in caplog.records)
+    assert [g["text"] for g in fast] == [g["text"] for g in kept]
