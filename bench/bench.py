@@ -87,6 +87,11 @@ VARIANTS = {
     "dequant": {"JOB_QUANT__KEEP_DEQUANTIZED": "true"},
     "nodequant": {"JOB_QUANT__KEEP_DEQUANTIZED": "false"},
     "nogc": variant(4, 4, "false"),
+    # The seed's row length (docker/sft.env: JOB_TRAIN__MAX_LENGTH=512) at the default micro-batch (4 rows: 2,048
+    # tokens) and with the step's 16 rows in one micro-batch (8,192 tokens; the same rows and gradient per step):
+    # what a larger micro-batch would buy the end-to-end run, whose SFT trains at 2,048 tokens per micro-batch.
+    "len512": {"JOB_TRAIN__MAX_LENGTH": "512"},
+    "len512_bs16": {**variant(16, 1), "JOB_TRAIN__MAX_LENGTH": "512"},
 }
 
 #: headline.json's rows: key -> (who, run name) in a result file. `job_lowmem` is the fastest low-memory setting.

@@ -12,7 +12,7 @@ from conftest import DEMO_DATA
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def _four_bit_lora_model(tiny_model):
+def _four_bit_lora_model(tiny_model, device="cpu"):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -21,7 +21,7 @@ def _four_bit_lora_model(tiny_model):
     from job.settings import QuantSettings
 
     m = AutoModelForCausalLM.from_pretrained(tiny_model, quantization_config=quantization_config(QuantSettings()),
-                                             dtype=torch.bfloat16, device_map={"": "cpu"})  # the CPU on any machine
+                                             dtype=torch.bfloat16, device_map={"": device})  # the CPU on any machine by default
     torch.manual_seed(0)
     return get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
 
@@ -173,8 +173,10 @@ def test_a_dropped_copy_gives_the_layers_back_to_bitsandbytes(tiny_model, monkey
 
     from job.model import dequantized_bytes, drop_dequantized, four_bit_layers, keep_dequantized
 
-    model = _four_bit_lora_model(tiny_model)
-    ids = torch.randint(5, 500, (1, 16), generator=torch.Generator().manual_seed(2))
+    # On a GPU machine, on the GPU: earlier tests in the process may have patched the Llama module with Liger's
+    # Triton kernels, which take CUDA tensors only.
+    model = _four_bit_lora_model(tiny_model, "cuda" if torch.cuda.is_available() else "cpu")
+    ids = torch.randint(5, 500, (1, 16), generator=torch.Generator().manual_seed(2)).to(model.device)
     with torch.no_grad():
         before = model(input_ids=ids).logits
     added = keep_dequantized(model)
@@ -206,16 +208,16 @@ def test_generations_on_a_gpu_use_a_copy_for_their_duration_and_answer_the_same(
     the greedy answers are those of bitsandbytes' own path, and the copy is gone (and its memory back) afterwards."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from job import evaluate
-    from job.model import four_bit_layers, keep_dequantized, quantization_config
+    from job.model import four_bit_layers, keep_dequantized, load_tokenizer, quantization_config
     from job.settings import QuantSettings, load_settings
 
     m = AutoModelForCausalLM.from_pretrained(tiny_model, quantization_config=quantization_config(QuantSettings()),
                                              dtype=torch.bfloat16, device_map={"": "cuda"})
     model = get_peft_model(m, LoraConfig(r=8, target_modules="all-linear"))
-    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok, _ = load_tokenizer(tiny_model, None, "auto")  # with the prompt format the job gives it
     prompts = [evaluate.Prompt([{"role": "user", "content": f"question {i} " * (i + 1)}]) for i in range(6)]
     env = {"JOB_STAGE": "sft", "JOB_BASE_MODEL": "/m", "JOB_DATA": "/d", "JOB_OUTPUT": "/o", "JOB_EVAL_MAX_NEW_TOKENS": "12"}
     plain = evaluate._generate_logged("before", model, tok, prompts, load_settings({**env, "JOB_QUANT__KEEP_DEQUANTIZED": "false"}))
