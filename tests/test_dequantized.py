@@ -5,6 +5,7 @@ the first thing dropped when a run runs out of GPU memory. The speed it buys is 
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from conftest import DEMO_DATA
@@ -214,6 +215,7 @@ def test_generations_on_a_gpu_use_a_copy_for_their_duration_and_answer_the_same(
     from job.model import four_bit_layers, keep_dequantized, load_tokenizer, quantization_config
     from job.settings import QuantSettings, load_settings
 
+    caplog.set_level(logging.INFO, logger="job")  # the generation plan is an INFO record
     m = AutoModelForCausalLM.from_pretrained(tiny_model, quantization_config=quantization_config(QuantSettings()),
                                              dtype=torch.bfloat16, device_map={"": "cuda"})
     model = get_peft_model(m, LoraConfig(r=8, target_modules="all-linear"))
