@@ -2,7 +2,7 @@
 problem reported as `file: row N: what is wrong` before a model is loaded.
 
 Files: JSON (an array, or one object per line), JSONL, CSV (header row; for DPO also a header-less
-prompt,chosen,rejected file), Parquet. A directory (or a pulled S3/Hub prefix) is every such file in it.
+prompt,chosen,rejected file: a first line of column names, in any script, is never read as a pair), Parquet. A directory (or a pulled S3/Hub prefix) is every such file in it.
 
 Recognised SFT records (extra columns, e.g. ELYZA's `eval_aspect`, are ignored):
   text + output                  the seed's records (ichikara-instruction)
@@ -170,11 +170,23 @@ def read_rows(path: Path, name: str, stage: str, columns: ColumnSettings) -> Ite
         yield row, value
 
 
-def _looks_like_names(values: list[str]) -> bool:
-    """A header line: every value a short column name (`question`, `good_answer`, `Chosen response`), not text."""
+def _looks_like_names(values: list[str], body: list[list[str]] = ()) -> bool:
+    """A header line: every value a short column name (`question`, `good_answer`, `Chosen response`, `質問`), not text.
+
+    ASCII names are told from data by their form alone. Names in other scripts (`質問,良い回答,悪い回答`) look like a
+    short row of data, so they count as a header only when the rows below are clearly longer (their median at least
+    three times line 1's length): a header-less file whose first row is as short as the rest stays data. A row taken
+    for a header by mistake fails loudly (it names no prompt, chosen and rejected columns); a header taken for data
+    would be trained on."""
     names = [v.strip() for v in values]
-    return len(set(names)) == len(names) and all(re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*(?:[ ._-][A-Za-z0-9_]+){0,2}", v)
-                                                 and len(v) <= 32 for v in names)
+    if len(set(names)) != len(names) or not all(len(v) <= 32 for v in names):
+        return False
+    if all(re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*(?:[ ._-][A-Za-z0-9_]+){0,2}", v) for v in names):
+        return True
+    if not all(re.fullmatch(r"[^\W\d_]\w*(?:[ ._-]\w+){0,2}", v) for v in names):
+        return False  # sentence punctuation, spaces, a leading digit: text
+    lengths = sorted(sum(len(v.strip()) for v in row) for row in body if any(v.strip() for v in row))
+    return bool(lengths) and lengths[len(lengths) // 2] >= 3 * sum(len(v) for v in names)
 
 
 def _csv_rows(text: str, name: str, stage: str, columns: ColumnSettings) -> Iterator[tuple[int, Any]]:
@@ -188,7 +200,7 @@ def _csv_rows(text: str, name: str, stage: str, columns: ColumnSettings) -> Iter
     if stage == "dpo":
         need = {"JOB_COLUMNS__PROMPT": c.prompt or "prompt", "JOB_COLUMNS__CHOSEN": c.chosen or "chosen",
                 "JOB_COLUMNS__REJECTED": c.rejected or "rejected"}
-        if set(need.values()) & set(first) or _looks_like_names(first):
+        if set(need.values()) & set(first) or _looks_like_names(first, rows[1:]):
             missing = {var: col for var, col in need.items() if col not in first}
             if missing:
                 raise DataError(

@@ -176,6 +176,26 @@ def test_the_shipped_headerless_preference_file_still_reads_every_line_as_a_pair
     assert recs[0]["prompt"] == USER("日本で一番高い山は何ですか？") and recs[0]["source"] == "dpo.csv: row 1"
 
 
+def test_a_dpo_csv_header_in_japanese_is_never_trained_on(tmp_path):
+    """Line 1 `質問,良い回答,悪い回答` above real pairs is a header: without a column mapping the file fails, naming the
+    header and the variables (before this, it was read as a header-less file and line 1 became a training pair);
+    with the mapping it reads the two pairs below it. A first row as short as the rest stays data (the seed's form)."""
+    rows = "質問,良い回答,悪い回答\n日本で一番高い山は何ですか？,富士山です。標高は3776メートルです。,わかりません。\n" \
+           "日本の首都はどこですか？,東京です。政治と経済の中心です。,大阪だと思います。\n"
+    (tmp_path / "ja.csv").write_text(rows, encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        load(tmp_path / "ja.csv", "dpo")
+    msg = str(e.value)
+    assert msg.startswith("s3://b/ja.csv: the header 質問,良い回答,悪い回答 has no column 'prompt', 'chosen', 'rejected'")
+    assert "JOB_COLUMNS__PROMPT, JOB_COLUMNS__CHOSEN, JOB_COLUMNS__REJECTED" in msg
+    recs = load(tmp_path / "ja.csv", "dpo", prompt="質問", chosen="良い回答", rejected="悪い回答")
+    assert [r["prompt"] for r in recs] == [USER("日本で一番高い山は何ですか？"), USER("日本の首都はどこですか？")]
+    assert recs[0]["source"] == "s3://b/ja.csv: row 1"
+    # Rows like line 1 below it: a header-less file, every line a pair.
+    (tmp_path / "short.csv").write_text("質問,良い回答,悪い回答\n山,富士山,高尾山\n", encoding="utf-8")
+    assert [r["prompt"] for r in load(tmp_path / "short.csv", "dpo")] == [USER("質問"), USER("山")]
+
+
 def test_headerless_csv_with_four_columns_says_so(tmp_path):
     (tmp_path / "p.csv").write_text("質問,良い,悪い,メモ\n質問2,良い2,悪い2,メモ2\n", encoding="utf-8")
     with pytest.raises(DataError) as e:
