@@ -20,9 +20,9 @@ import secrets
 import tempfile
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from job.errors import ConfigError
@@ -48,6 +48,10 @@ def _auto_true_false(v):
     if isinstance(v, bool):
         return "true" if v else "false"
     return words.get(v.strip().lower(), v.strip().lower()) if isinstance(v, str) else v
+
+
+#: An `auto`/`true`/`false` setting that also takes the usual spellings of a boolean.
+AutoTrueFalse = Annotated[Literal["auto", "true", "false"], BeforeValidator(_auto_true_false)]
 
 
 class _Group(BaseModel):
@@ -87,12 +91,7 @@ class QuantSettings(_Group):
     #: to on each call), for 2 bytes per base parameter more (24 GiB at 13B). Never saved: adapters, checkpoints and
     #: merges are the same either way. `auto`: on when gradient checkpointing is off (the GPU has room) and the copy
     #: fits next to the largest micro-batch's activations; off on a CPU. Measured on an H200, 13B SFT: bench/NOTES.md.
-    keep_dequantized: Literal["auto", "true", "false"] = "auto"
-
-    @field_validator("keep_dequantized", mode="before")
-    @classmethod
-    def _on_off(cls, v):
-        return _auto_true_false(v)
+    keep_dequantized: AutoTrueFalse = "auto"
 
     @field_validator("keep_dequantized")
     @classmethod
@@ -144,18 +143,13 @@ class TrainSettings(_Group):
     #: memory. `auto`: off when this micro-batch's activations fit in the GPU's free memory (next to the loaded 4-bit
     #: model), else on; always on without a GPU. Measured on an H100, 13B SFT: off 5,496 tokens/s at 48 GiB peak, on
     #: 3,655 tokens/s at 11 GiB (bench/results/).
-    gradient_checkpointing: Literal["auto", "true", "false"] = "auto"
+    gradient_checkpointing: AutoTrueFalse = "auto"
     #: SFT only: pack several examples into one row (no attention across examples; padding-free).
     packing: bool = True
     #: Use Liger's fused kernels (fused linear cross-entropy) when the package is installed and a GPU is present.
     use_liger_kernel: bool = True
     #: bf16 autocast for the trainable parts; `auto` = on when the GPU supports it.
     bf16: Literal["auto", "true", "false"] = "auto"
-
-    @field_validator("gradient_checkpointing", mode="before")
-    @classmethod
-    def _on_off(cls, v):
-        return _auto_true_false(v)
 
     @field_validator("report_to")
     @classmethod
