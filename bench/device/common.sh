@@ -36,6 +36,11 @@ ready() {  # the model and Unsloth's environment
   wait "$usite"; cat /tmp/usite.log 2>/dev/null
   at "model and environments ready"
 }
+cuda_tests() {  # cuda_tests SECONDS OUTFILE TESTFILE...: pytest on this machine's GPU, its output in $OUT/OUTFILE
+  local limit=$1 file=$2; shift 2
+  timeout "$limit" python3 -m pytest -q -p no:cacheprovider -rA "$@" > "$OUT/$file" 2>&1
+  at "pytest exit $?"; tail -3 "$OUT/$file"
+}
 bench_run() {  # the benchmark with $PLAN, stopped before the budget ends; runs it can't start are recorded as skipped
   local hard=$(( $(left) - 8 ))
   [ "$hard" -ge 60 ] || hard=60

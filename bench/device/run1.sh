@@ -7,7 +7,7 @@
 #        carry    [".gpuw"]   (bench/device/wheels.sh builds it, ~42 MB)      timeout_s 600
 #
 # $OUT gets: run1.log (everything, Unsloth's process included), attn.json (bench/attn_check.py), pytest-cuda.txt
-# (tests/test_attention.py + tests/test_packing.py on the GPU), bench-13b-run1.json (every run), headline-run1.json.
+# (tests/test_attention.py, tests/test_packing.py and tests/test_dequantized.py on the GPU), bench-13b-run1.json (every run), headline-run1.json.
 # Dry run of the plumbing on a CPU machine (minutes; the bench itself gets cut by the budget):
 #   LOCAL=1 SHAPE=tiny OUT=/tmp/run1 BUDGET=420 BENCH_UNSLOTH_PYTHONPATH=$PWD/tests/fake_unsloth bash bench/device/run1.sh
 set -u -o pipefail
@@ -18,8 +18,7 @@ source bench/device/common.sh
 # then packed vs unpacked per-example losses through the job's own model loading and TRL's collator (tiny model).
 timeout 120 python3 bench/attn_check.py --device "$DEVICE" --out "$OUT/attn.json"
 at "attn_check exit $?"
-timeout 200 python3 -m pytest -q -p no:cacheprovider -rA tests/test_attention.py tests/test_packing.py tests/test_dequantized.py > "$OUT/pytest-cuda.txt" 2>&1
-at "pytest exit $?"; tail -3 "$OUT/pytest-cuda.txt"
+cuda_tests 200 pytest-cuda.txt tests/test_attention.py tests/test_packing.py tests/test_dequantized.py
 ready
 
 # The benchmark, most valuable first: the job's default (varlen attention; checkpointing off and the 4-bit base

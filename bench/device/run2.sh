@@ -8,13 +8,11 @@
 #        carry    [".gpuw"]      timeout_s 600
 #
 # $OUT gets: run2.log, pytest-cuda-run2.txt, bench-13b-run2.json, headline-run2.json. headline.json is then made from
-# both calls' files:
-#   python bench/bench.py headline bench/results/bench-13b-run1.json bench/results/bench-13b-run2.json --out bench/results/headline.json
+# several calls' files: bench/NOTES.md ("Measured") gives the command.
 set -u -o pipefail
 NAME=run2
 source bench/device/common.sh
-timeout 150 python3 -m pytest -q -p no:cacheprovider -rA tests/test_dequantized.py > "$OUT/pytest-cuda-run2.txt" 2>&1
-at "pytest exit $?"; tail -3 "$OUT/pytest-cuda-run2.txt"
+cuda_tests 150 pytest-cuda-run2.txt tests/test_dequantized.py
 ready
 : "${PLAN:=dpo:job:default,sft:job:lowmem4@8,e2e,dpo:trl:trl_best,sft:unsloth:unsloth_lowmem@10,sft:seed:seed@6,sft:job:nogc_bs8@10}"
 bench_run

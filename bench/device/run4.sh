@@ -12,8 +12,7 @@ set -u -o pipefail
 NAME=run4
 BUDGET=${BUDGET:-480}
 source bench/device/common.sh
-timeout 150 python3 -m pytest -q -p no:cacheprovider -rA tests/test_dequantized.py > "$OUT/pytest-cuda-run4.txt" 2>&1
-at "pytest exit $?"; tail -3 "$OUT/pytest-cuda-run4.txt"
+cuda_tests 150 pytest-cuda-run4.txt tests/test_dequantized.py
 ready
 : "${PLAN:=e2e,sft:job:default@20,sft:job:nogc_bs8@10,sft:job:len512@10,sft:job:len512_bs16@10,dpo:job:nodequant,dpo:job:default}"
 bench_run
