@@ -2,7 +2,8 @@
 problem reported as `file: row N: what is wrong` before a model is loaded.
 
 Files: JSON (an array, or one object per line), JSONL, CSV (header row; for DPO also a header-less
-prompt,chosen,rejected file: a first line of column names, in any script, is never read as a pair), Parquet. A directory (or a pulled S3/Hub prefix) is every such file in it.
+prompt,chosen,rejected file, told from a header by `_looks_like_names`), Parquet. A directory (or a pulled S3/Hub
+prefix) is every such file in it.
 
 Recognised SFT records (extra columns, e.g. ELYZA's `eval_aspect`, are ignored):
   text + output                  the seed's records (ichikara-instruction)
