@@ -118,17 +118,23 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
 def _train(s: JobSettings, plan: preflight.Plan, base_dir: Path, stop: StopSignal, progress_bar: bool):
     """Load the model, build the stage's trainer and train. A run that runs out of GPU memory on a choice `auto` made
     (the estimate behind it can be wrong: allocator fragmentation, another process on the GPU) starts again from its
-    last checkpoint without that choice: first without the dequantized copy of the base (JOB_QUANT__KEEP_DEQUANTIZED),
-    then with gradient checkpointing on (JOB_TRAIN__GRADIENT_CHECKPOINTING)."""
+    last checkpoint without that choice, the last one made first: the micro-batch as set (JOB_TRAIN__MERGE_MICRO_BATCHES),
+    then without the dequantized copy of the base (JOB_QUANT__KEEP_DEQUANTIZED), then with gradient checkpointing on
+    (JOB_TRAIN__GRADIENT_CHECKPOINTING)."""
     import torch
 
-    forced: dict = {"checkpointing": None, "keep_dequantized": None}
+    forced: dict = {"checkpointing": None, "keep_dequantized": None, "micro_batch_rows": None}
+    rows = s.train.per_device_train_batch_size
     while True:
         used: dict = {}
         try:
             return _train_once(s, plan, base_dir, stop, progress_bar, forced=forced, used=used)
         except torch.OutOfMemoryError:
-            if used.get("dequantized") and s.quant.keep_dequantized == "auto":
+            if used.get("micro_batch", rows) > rows and s.train.merge_micro_batches == "auto":
+                forced["micro_batch_rows"] = rows
+                what = (f"with micro-batches of {used['micro_batch']} rows (JOB_TRAIN__MERGE_MICRO_BATCHES=auto guessed "
+                        f"they would fit): starting again with {rows} rows, as set")
+            elif used.get("dequantized") and s.quant.keep_dequantized == "auto":
                 forced["keep_dequantized"] = False
                 what = "with the 4-bit base dequantized once (JOB_QUANT__KEEP_DEQUANTIZED=auto guessed it would fit): " \
                        "starting again without the copy"
@@ -152,7 +158,9 @@ def _oom_message(s: JobSettings, used: dict) -> str:
             f"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE (now {t.per_device_train_batch_size}; raise "
             f"JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS to keep the step size) or JOB_TRAIN__MAX_LENGTH (now {t.max_length})"
             + ("" if used.get("checkpointing") else ", or set JOB_TRAIN__GRADIENT_CHECKPOINTING=true")
-            + (", or set JOB_QUANT__KEEP_DEQUANTIZED=false" if used.get("dequantized") else ""))
+            + (", or set JOB_QUANT__KEEP_DEQUANTIZED=false" if used.get("dequantized") else "")
+            + (f", or set JOB_TRAIN__MERGE_MICRO_BATCHES=false (micro-batches of {used['micro_batch']} rows were used)"
+               if used.get("micro_batch", t.per_device_train_batch_size) > t.per_device_train_batch_size else ""))
 
 
 def _train_once(s, plan, base_dir, stop, progress_bar, *, forced, used):
@@ -176,9 +184,10 @@ def _train_once(s, plan, base_dir, stop, progress_bar, *, forced, used):
     trainer = stage.build_trainer(s, model, plan.tokenizer, plan.train.rows, plan.eval.rows if plan.eval else None,
                                   plan.workdir / "checkpoints", callbacks, progress_bar=progress_bar,
                                   checkpointing=forced["checkpointing"], keep_dequantized=forced["keep_dequantized"],
-                                  identity=plan.identity["sha256"])
+                                  micro_batch_rows=forced["micro_batch_rows"], identity=plan.identity["sha256"])
     used["checkpointing"] = bool(trainer.args.activation_checkpointing)
     used["dequantized"] = trainer.job_dequantized_gib is not None
+    used["micro_batch"] = trainer.args.per_device_train_batch_size
     if not progress_bar:
         from transformers import PrinterCallback
 

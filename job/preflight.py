@@ -37,7 +37,9 @@ IDENTITY = "identity.json"
 #: Settings that don't change what is trained: a rerun may change them and still continue the same run.
 OPERATIONAL = {"workdir", "log_format", "run_id", "restart", "hf_token", "output", "eval_prompts", "eval_max_new_tokens",
                "hub_private"}
-OPERATIONAL_TRAIN = {"save_steps", "logging_steps", "report_to", "per_device_eval_batch_size", "eval_steps"}
+#: How a step is computed, not what it computes: a retried pod on another GPU type may choose differently.
+OPERATIONAL_TRAIN = {"save_steps", "logging_steps", "report_to", "per_device_eval_batch_size", "eval_steps",
+                     "merge_micro_batches"}
 
 
 @dataclass

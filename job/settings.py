@@ -144,6 +144,14 @@ class TrainSettings(_Group):
     #: model), else on; always on without a GPU. Measured on an H100, 13B SFT: off 5,496 tokens/s at 48 GiB peak, on
     #: 3,655 tokens/s at 11 GiB (bench/results/).
     gradient_checkpointing: AutoTrueFalse = "auto"
+    #: Run each optimizer step's PER_DEVICE_TRAIN_BATCH_SIZE x GRADIENT_ACCUMULATION_STEPS rows in fewer, larger
+    #: micro-batches: the same rows and the same gradient per step (SFT's loss is normalised over the whole step; DPO's
+    #: per-micro-batch means are equal-sized, except that a last, partial step weighs its pairs evenly), fewer passes
+    #: through the model. `auto`: on a GPU with checkpointing off, the largest split whose activations fit next to the
+    #: dequantized copy; the first thing a run that runs out of memory gives back. `true`: the whole step in one
+    #: micro-batch. `false`: exactly as set. Not part of the run identity (how, not what, is trained): a pod that
+    #: resumes on another GPU may split steps differently. Measured on an H200, 13B SFT: bench/NOTES.md.
+    merge_micro_batches: AutoTrueFalse = "auto"
     #: SFT only: pack several examples into one row (no attention across examples; padding-free).
     packing: bool = True
     #: Use Liger's fused kernels (fused linear cross-entropy) when the package is installed and a GPU is present.

@@ -67,6 +67,8 @@ class Runtime:
     liger: bool = False
     #: what `JOB_TRAIN__BF16=auto` means here: a GPU that supports it
     bf16: bool = False
+    #: rows per micro-batch (JOB_TRAIN__MERGE_MICRO_BATCHES; job/stages/common.py): the step's rows stay as set
+    micro_batch: int | None = None
 
 
 def config_class(stage: str):
@@ -162,14 +164,18 @@ def build_kwargs(s, rt: Runtime) -> dict:
     t = s.train
     bf16 = {"true": True, "false": False}.get(t.bf16, rt.bf16)
     optim = t.optim if t.optim != "auto" else ("adamw_torch_fused" if rt.cuda else "adamw_torch")
+    step = t.per_device_train_batch_size * t.gradient_accumulation_steps  # rows per optimizer step (per process)
+    rows = rt.micro_batch or t.per_device_train_batch_size
+    if step % rows:
+        raise ValueError(f"a micro-batch of {rows} rows does not divide a step of {step} rows")
     kw = dict(
         output_dir=rt.output_dir,
         learning_rate=t.learning_rate,
         num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps,
-        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_train_batch_size=rows,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        gradient_accumulation_steps=step // rows,
         # The job's length policy has already made every example fit (job/sequences.py); TRL's own truncation is a no-op.
         max_length=t.max_length,
         warmup_steps=t.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the total steps

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -152,17 +153,19 @@ def activation_bytes_per_token(config, liger: bool) -> int | None:
     return int(2 * n * per_layer)
 
 
-def _micro_batch_tokens(s: JobSettings, sequences_per_example: int) -> int:
-    """The largest micro-batch: packed SFT rows are full; DPO's chosen and rejected rows are each up to MAX_LENGTH."""
-    return s.train.per_device_train_batch_size * sequences_per_example * s.train.max_length
+def _micro_batch_tokens(s: JobSettings, sequences_per_example: int, rows: int | None = None) -> int:
+    """The largest micro-batch (of `rows` examples; default: as set): packed SFT rows are full; DPO's chosen and
+    rejected rows are each up to MAX_LENGTH."""
+    return (rows or s.train.per_device_train_batch_size) * sequences_per_example * s.train.max_length
 
 
-def _activation_need(s: JobSettings, model, sequences_per_example: int, liger: bool) -> int | None:
+def _activation_need(s: JobSettings, model, sequences_per_example: int, liger: bool, rows: int | None = None) -> int | None:
     """GPU bytes the largest micro-batch needs without checkpointing (None: the config does not say)."""
     per_token = activation_bytes_per_token(getattr(model, "config", None), liger)
     if per_token is None:
         return None
-    return _micro_batch_tokens(s, sequences_per_example) * per_token + 2 * 2**30  # + optimizer state, LM-head chunks, slack
+    # + optimizer state, LM-head chunks, slack
+    return _micro_batch_tokens(s, sequences_per_example, rows) * per_token + 2 * 2**30
 
 
 def _free_gpu_bytes(model) -> int:
@@ -206,15 +209,73 @@ def use_dequantized(s: JobSettings, model, sequences_per_example: int, liger: bo
     return on
 
 
+def micro_batch(s: JobSettings, model, sequences_per_example: int, liger: bool, *, checkpointing: bool,
+                dequantized: bool) -> int:
+    """Rows per micro-batch under JOB_TRAIN__MERGE_MICRO_BATCHES: PER_DEVICE_TRAIN_BATCH_SIZE times a divisor of
+    GRADIENT_ACCUMULATION_STEPS, so that a step keeps its rows. `auto` decides last, with what checkpointing and the
+    copy left: the largest split whose activations fit next to the copy, with checkpointing off (x1.6 measured at
+    the seed's 512-token rows, +6% at 1,024: bench/NOTES.md)."""
+    from job.model import dequantized_bytes
+
+    t = s.train
+    rows, accumulation = t.per_device_train_batch_size, t.gradient_accumulation_steps
+    if t.merge_micro_batches != "auto":
+        return rows * accumulation if t.merge_micro_batches == "true" else rows
+    if checkpointing or accumulation == 1 or not torch.cuda.is_available() or model is None:
+        return rows
+    copy = dequantized_bytes(model) if dequantized else 0
+    free = _free_gpu_bytes(model)
+    for k in sorted((k for k in range(1, accumulation + 1) if accumulation % k == 0), reverse=True):
+        need = _activation_need(s, model, sequences_per_example, liger, rows * k)
+        if need is None:
+            return rows
+        if k == 1 or need + copy <= 0.9 * free:
+            break
+    log.info("micro-batches of %d rows x %d per step (JOB_TRAIN__MERGE_MICRO_BATCHES=auto; set: %d x %d): up to %d "
+             "tokens need ~%.1f GiB of activations next to a %.1f GiB copy, %.1f GiB free", rows * k, accumulation // k,
+             rows, accumulation, _micro_batch_tokens(s, sequences_per_example, rows * k), need / 2**30, copy / 2**30,
+             free / 2**30)
+    return rows * k
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How a stage spends GPU memory for speed, decided once the model is loaded, in this order (by measured worth):
+    activations kept (checkpointing off), the dequantized copy, then fewer, larger micro-batches."""
+
+    checkpointing: bool
+    dequantized: bool
+    micro_batch: int
+
+
+def memory_plan(s: JobSettings, model, sequences_per_example: int = 1, *, checkpointing: bool | None = None,
+                keep_dequantized: bool | None = None, micro_batch_rows: int | None = None) -> MemoryPlan:
+    """The `auto` choices for this machine; a given value (a retry after running out of memory) overrides its own."""
+    liger = liger_on(s)
+    if checkpointing is None:
+        checkpointing = use_checkpointing(s, model, sequences_per_example, liger)
+    if keep_dequantized is None:
+        keep_dequantized = model is not None and use_dequantized(s, model, sequences_per_example, liger,
+                                                                 checkpointing=checkpointing)
+    if micro_batch_rows is None:
+        micro_batch_rows = micro_batch(s, model, sequences_per_example, liger, checkpointing=checkpointing,
+                                       dequantized=keep_dequantized)
+    return MemoryPlan(checkpointing, keep_dequantized, micro_batch_rows)
+
+
+def liger_on(s: JobSettings) -> bool:
+    return bool(s.train.use_liger_kernel and torch.cuda.is_available() and importlib.util.find_spec("liger_kernel"))
+
+
 def training_args(s: JobSettings, checkpoint_dir: Path, *, has_eval: bool, progress_bar: bool, model=None,
-                  sequences_per_example: int = 1, checkpointing: bool | None = None):
-    """The stage's TRL config for this machine (job/trainargs.py maps the settings)."""
+                  sequences_per_example: int = 1, checkpointing: bool | None = None, memory: MemoryPlan | None = None):
+    """The stage's TRL config for this machine (job/trainargs.py maps the settings); `memory`: memory_plan's choices."""
     from job import trainargs
 
     cuda = torch.cuda.is_available()
-    liger = s.train.use_liger_kernel and cuda and importlib.util.find_spec("liger_kernel") is not None
-    if checkpointing is None:
-        checkpointing = use_checkpointing(s, model, sequences_per_example, liger)
+    if memory is None:
+        memory = memory_plan(s, model, sequences_per_example, checkpointing=checkpointing)
     rt = trainargs.Runtime(output_dir=str(checkpoint_dir), cuda=cuda, has_eval=has_eval, progress_bar=progress_bar,
-                           checkpointing=checkpointing, liger=liger, bf16=cuda and torch.cuda.is_bf16_supported())
+                           checkpointing=memory.checkpointing, liger=liger_on(s),
+                           bf16=cuda and torch.cuda.is_bf16_supported(), micro_batch=memory.micro_batch)
     return trainargs.build(s, rt)

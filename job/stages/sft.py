@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from job.settings import JobSettings
-from job.stages.common import make_trainer, training_args
+from job.stages.common import make_trainer, memory_plan, training_args
 
 
 def example_lengths(args, dataset) -> list[int] | None:
@@ -19,12 +19,13 @@ def example_lengths(args, dataset) -> list[int] | None:
 
 def build_trainer(s: JobSettings, model, tokenizer, train_rows, eval_rows, checkpoint_dir: Path, callbacks, *,
                   progress_bar: bool, checkpointing: bool | None = None, keep_dequantized: bool | None = None,
-                  identity: str | None = None):
+                  micro_batch_rows: int | None = None, identity: str | None = None):
     """`train_rows`/`eval_rows`: job/sequences.py's fitted rows (input_ids, completion_mask), already within
     JOB_TRAIN__MAX_LENGTH; TRL builds the labels from the completion mask and packs them."""
     from trl import SFTTrainer
 
-    args = training_args(s, checkpoint_dir, has_eval=bool(eval_rows), progress_bar=progress_bar, model=model,
-                         checkpointing=checkpointing)
+    memory = memory_plan(s, model, checkpointing=checkpointing, keep_dequantized=keep_dequantized,
+                         micro_batch_rows=micro_batch_rows)
+    args = training_args(s, checkpoint_dir, has_eval=bool(eval_rows), progress_bar=progress_bar, memory=memory)
     return make_trainer(SFTTrainer, s, model, args, tokenizer, train_rows, eval_rows, callbacks, example_lengths,
-                        identity=identity, keep_dequantized=keep_dequantized)
+                        identity=identity, keep_dequantized=memory.dequantized)

@@ -1,0 +1,160 @@
+"""JOB_TRAIN__MERGE_MICRO_BATCHES: a step's rows in fewer, larger micro-batches train the same adapter (the same rows
+and gradient per step), are chosen by `auto` only where the GPU has room, are the first thing a run that runs out of
+memory gives back, and may differ between attempts of one run. The speed they buy is measured on the GPU
+(bench/NOTES.md)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import DEMO_DATA
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+SETTINGS = {"JOB_BASE_MODEL": "/m", "JOB_DATA": "/d", "JOB_OUTPUT": "/o"}
+#: The comparisons compute in fp32: in bf16 the same sums over differently shaped micro-batches round differently
+#: (DPO's padded rows: 0.3% of the update apart in bf16, 4e-7 in fp32; the claim is about the arithmetic, not rounding).
+FP32 = {"JOB_QUANT__COMPUTE_DTYPE": "float32", "JOB_TRAIN__BF16": "false"}
+
+
+def _run(tiny_model, tmp_path, run_id, stage="sft", **env):
+    from job import pipeline
+    from job.settings import load_settings
+
+    data = DEMO_DATA / ("sft.jsonl" if stage == "sft" else "dpo.csv")
+    # No LoRA dropout: its random masks are drawn per micro-batch, so only without it are two splits bit-comparable.
+    base = {"JOB_STAGE": stage, "JOB_BASE_MODEL": str(tiny_model), "JOB_DATA": str(data), "JOB_EVAL_FRACTION": "0",
+            "JOB_OUTPUT": str(tmp_path / "out"), "JOB_WORKDIR": str(tmp_path / "w" / run_id), "JOB_TRAIN__MAX_STEPS": "2",
+            "JOB_TRAIN__SAVE_STEPS": "0", "JOB_TRAIN__MAX_LENGTH": "128", "JOB_EVAL_PROMPTS": "none",
+            "JOB_LORA__DROPOUT": "0", "JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "2", "JOB_RUN_ID": run_id,
+            "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": "2" if stage == "sft" else "3",
+            # Plain SGD: an update proportional to the gradient. (Adam's normalisation turns float-rounding differences
+            # in near-zero gradients, such as a new LoRA A's in its second step, into differences of a whole step.)
+            "JOB_TRAIN__OPTIM": "sgd", "JOB_TRAIN__LEARNING_RATE": "0.5", "JOB_TRAIN__WARMUP_RATIO": "0", **env}
+    pipeline.run(load_settings(base))
+    return tmp_path / "out" / run_id
+
+
+def _adapter(out):
+    from safetensors.torch import load_file
+
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def _max_difference(a, b) -> float:
+    assert a.keys() == b.keys() and a
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_a_step_in_one_micro_batch_trains_the_adapter_its_micro_batches_train(tiny_model, tmp_path, stage):
+    """2 x 2 packed SFT rows or 2 x 3 DPO pairs per step, against the whole step in one micro-batch: the same adapter
+    within fp32 rounding (SFT's loss is normalised over the step's tokens, DPO's micro-batches are equal-sized)."""
+    split = _run(tiny_model, tmp_path, "split", stage, JOB_TRAIN__MERGE_MICRO_BATCHES="false", **FP32)
+    merged = _run(tiny_model, tmp_path, "merged", stage, JOB_TRAIN__MERGE_MICRO_BATCHES="true", **FP32)
+    per_step = 2 if stage == "sft" else 3
+    ms, mm = (json.loads((d / "metrics.json").read_text()) for d in (split, merged))
+    assert ms["micro_batch"] == {"rows": 2, "per_step": per_step}
+    assert mm["micro_batch"] == {"rows": 2 * per_step, "per_step": 1}
+    assert ms["steps"] == mm["steps"] == 2
+    if stage == "sft":
+        assert ms["tokens"] == mm["tokens"] > 0  # the same rows
+    else:
+        assert ms["session"]["pairs"] == mm["session"]["pairs"] == 12
+        assert mm["reward_accuracy"] == pytest.approx(ms["reward_accuracy"], abs=1e-6)
+    assert mm["train_loss"] == pytest.approx(ms["train_loss"], rel=1e-4)
+    assert _max_difference(_adapter(split), _adapter(merged)) <= 1e-7  # the weights are ~1e-2
+
+
+def test_the_comparison_above_sees_a_step_that_weighs_its_rows_differently(tiny_model, tmp_path, monkeypatch):
+    """The control: with each micro-batch's loss averaged on its own (transformers' behaviour without
+    `num_items_in_batch`), the split run's adapter is no longer the merged one's: the tolerance above would catch
+    a merge that changed what a step computes."""
+    from transformers import Trainer
+
+    merged = _run(tiny_model, tmp_path, "merged", JOB_TRAIN__MERGE_MICRO_BATCHES="true", **FP32)
+    real = Trainer.get_batch_samples
+
+    def without_step_count(self, *a, **kw):
+        batches, _ = real(self, *a, **kw)
+        return batches, None
+
+    monkeypatch.setattr(Trainer, "get_batch_samples", without_step_count)
+    split = _run(tiny_model, tmp_path, "per-micro-batch-mean", JOB_TRAIN__MERGE_MICRO_BATCHES="false", **FP32)
+    assert _max_difference(_adapter(split), _adapter(merged)) > 1e-4
+
+
+def test_auto_merges_only_on_a_gpu_with_room_and_keeps_the_rows_per_step(monkeypatch):
+    """The decision at llm-jp-3-13b's shape with the default 4 x 4 rows per step: on an H200 (131 GiB free once the
+    4-bit model is loaded, a 23.6 GiB copy) 8 rows of 1,024 tokens or 16 of the seed's 512; on an 80 GiB card, or
+    with checkpointing on, or without a GPU, as set."""
+    import types
+
+    import torch
+    from transformers import LlamaConfig
+
+    from job.settings import load_settings
+    from job.stages import common
+    from job.trainargs import Runtime, build, config_class
+
+    config_class("sft")  # imported before torch.cuda.is_available is patched (transformers checks it on import)
+    model = types.SimpleNamespace(config=LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40))
+    gib = 2**30
+
+    def rows(free_gib: float, max_length=1024, stage_rows=1, copy_gib=23.6, setting="auto", **kw):
+        s = load_settings({"JOB_STAGE": "sft", **SETTINGS, "JOB_TRAIN__MAX_LENGTH": str(max_length),
+                           "JOB_TRAIN__MERGE_MICRO_BATCHES": setting})
+        monkeypatch.setattr(common, "_free_gpu_bytes", lambda m: int(free_gib * gib))
+        monkeypatch.setattr("job.model.dequantized_bytes", lambda m: int(copy_gib * gib))
+        kw = {"checkpointing": False, "dequantized": copy_gib > 0, **kw}
+        return common.micro_batch(s, model, stage_rows, True, **kw)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert rows(131) == 8 and rows(131, max_length=512) == 16  # H200: measured x1.06 and x1.61 (bench/NOTES.md)
+    assert rows(131, copy_gib=0) == 8 and rows(200, copy_gib=0) == 16  # 16 rows of 1,024: ~178 GiB of activations
+    assert rows(131, stage_rows=2) == 4  # DPO at 1,024: four pairs already take ~90 GiB
+    assert rows(71, max_length=512) == 4  # an 80 GiB card: the copy took the room
+    assert rows(131, checkpointing=True) == 4  # memory was short already
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert rows(131) == 4  # no GPU: as set
+    for setting, expected in (("true", 16), ("on", 16), ("false", 4), ("0", 4)):
+        assert rows(131, setting=setting, checkpointing=True) == expected
+    s = load_settings({"JOB_STAGE": "sft", **SETTINGS})
+    args = build(s, Runtime(micro_batch=8))
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (8, 2)  # 16 rows per step, as set
+    with pytest.raises(ValueError, match="does not divide"):
+        build(s, Runtime(micro_batch=3))
+
+
+def test_out_of_memory_gives_the_merged_micro_batch_back_first(tiny_model, tmp_path, monkeypatch, caplog):
+    """`auto` merged the step into one micro-batch; the GPU said otherwise: the run starts again with the micro-batch
+    as set and succeeds, saying so. Merging the user asked for is not given back: exit 5 names the setting."""
+    import torch
+    from trl import SFTTrainer
+
+    from job.errors import OutOfMemory
+    from job.stages import common
+
+    whole_step = lambda s, *a, **k: s.train.per_device_train_batch_size * s.train.gradient_accumulation_steps  # noqa: E731
+    monkeypatch.setattr(common, "micro_batch", whole_step)  # what `auto` decides on a big GPU
+    real_step = SFTTrainer.training_step
+    seen = []
+
+    def step(self, *a, **kw):  # fits only at 2 rows
+        seen.append(self.args.per_device_train_batch_size)
+        if self.args.per_device_train_batch_size > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(SFTTrainer, "training_step", step)
+    out = _run(tiny_model, tmp_path, "auto")
+    assert (out / "_SUCCESS").exists() and seen[:2] == [4, 2]
+    assert any("starting again with 2 rows, as set" in r.getMessage() for r in caplog.records)
+    assert json.loads((out / "metrics.json").read_text())["micro_batch"] == {"rows": 2, "per_step": 2}
+
+    with pytest.raises(OutOfMemory) as e:
+        _run(tiny_model, tmp_path, "asked", JOB_TRAIN__MERGE_MICRO_BATCHES="true", JOB_TRAIN__GRADIENT_CHECKPOINTING="true",
+             JOB_QUANT__KEEP_DEQUANTIZED="false")
+    assert "JOB_TRAIN__MERGE_MICRO_BATCHES=false" in str(e.value) and "4 rows" in str(e.value)
+    assert not (tmp_path / "out" / "asked" / "_SUCCESS").exists()
