@@ -478,7 +478,12 @@ def count_tokens(ctx: dict, stage: str, max_length: int, eval_fraction: float = 
     return {"examples": len(train), "kept": kept, "tokens": total}
 
 
-def run_e2e(ctx: dict) -> dict:
+#: End-to-end runs: name -> JOB_ overrides on top of docker/*.env. `e2e_nogen` leaves out the before/after
+#: generations every run makes by default (job/evaluate.py, added after the issue's 202 s baseline was measured).
+E2E_RUNS = {"e2e": {}, "e2e_nogen": {"JOB_EVAL_PROMPTS": "none"}}
+
+
+def run_e2e(ctx: dict, name: str = "e2e") -> dict:
     """The seed's whole workload through `python -m job`, as a user runs it (docker/*.env settings, local paths)."""
     runs = ctx["work"] / "e2e-runs"
     shutil.rmtree(runs, ignore_errors=True)
@@ -488,10 +493,10 @@ def run_e2e(ctx: dict) -> dict:
                  "PYTHONPATH": os.pathsep.join([str(ROOT), base.get("PYTHONPATH", "")])})
     paths = {"JOB_BASE_MODEL": str(ctx["model"]), "JOB_OUTPUT": str(runs), "JOB_WORKDIR": str(ctx["work"] / "e2e-work"),
              "JOB_LOG_FORMAT": "json"}
-    out: dict = {"name": "e2e", "who": "job", "stage": "sft+dpo"}
+    out: dict = {"name": name, "who": "job", "stage": "sft+dpo"}
     stages = []
     for stage, envf in (("sft", "sft.env"), ("dpo", "dpo.env")):
-        env = {**base, **env_file(ROOT / "docker" / envf), **paths,
+        env = {**base, **env_file(ROOT / "docker" / envf), **paths, **E2E_RUNS[name],
                "JOB_DATA": str(ctx["sft_data"] if stage == "sft" else ctx["dpo_data"])}
         if stage == "dpo":
             env["JOB_ADAPTER"] = str(runs / stages[0]["run_id"] / "adapter")
@@ -499,7 +504,7 @@ def run_e2e(ctx: dict) -> dict:
         p = subprocess.run([sys.executable, "-m", "job"], env=env, cwd=ROOT, capture_output=True, text=True)
         wall = time.perf_counter() - t0
         # The job's JSON log (timestamped): where the time outside training goes (imports, load, generations, upload).
-        (ctx.get("out", ctx["work"]) / f"e2e-{stage}.log.jsonl").write_text(p.stdout + p.stderr)
+        (ctx.get("out", ctx["work"]) / f"{name.replace('_', '-')}-{stage}.log.jsonl").write_text(p.stdout + p.stderr)
         s = {"stage": stage, "run_id": env["JOB_RUN_ID"], "exit_code": p.returncode, "wall_s": round(wall, 2),
              "settings": {k: v for k, v in env.items() if k.startswith("JOB_") and k not in paths and k != "JOB_DATA"}}
         if p.returncode != 0:
@@ -570,8 +575,8 @@ def parse_plan(text: str) -> list[tuple[str, str, list[str], int | None]]:
     run. WHO: seed, job (NAME a VARIANTS key), trl (a TRL_PEERS key), unsloth (SFT; its runs share one process)."""
     plan = []
     for item in filter(None, (x.strip() for x in text.split(","))):
-        if item == "e2e":
-            plan.append(("sft+dpo", "e2e", ["e2e"], None))
+        if item in E2E_RUNS:
+            plan.append(("sft+dpo", "e2e", [item], None))
             continue
         spec, _, steps = item.partition("@")
         stage, who, names = spec.split(":")
@@ -675,7 +680,7 @@ def cmd_run(a, argv: list[str]) -> int:
             for r in res["runs"][-len(names):]:
                 log(summary_line(r))
         elif who == "e2e":
-            attempt(run_e2e, ctx, ident=("job", "sft+dpo", "e2e"))
+            attempt(run_e2e, ctx, names[0], ident=("job", "sft+dpo", names[0]))
         elif who == "seed":
             overrides = {"gradient_checkpointing": False} if names[0] == "seed_nogc" else None
             attempt(run_seed, stage, ctx, names[0], steps, overrides, ident=(who, stage, names[0]))
@@ -738,8 +743,9 @@ def cmd_report(a) -> int:
                       f"{f2(r.get('steady_mfu') and 100 * r['steady_mfu'])}% | {'on' if r.get('gradient_checkpointing') else 'off'} | {r.get('steps')} |")
             print()
         for r in res["runs"]:
-            if r.get("name") == "e2e" and r.get("stages"):
-                print(f"End to end (`python -m job`, docker/sft.env then docker/dpo.env, model load included): **{r['wall_s']:.0f} s** "
+            if r.get("name") in E2E_RUNS and r.get("stages"):
+                print(f"End to end{' without generations' if r['name'] == 'e2e_nogen' else ''} (`python -m job`, "
+                      f"docker/sft.env then docker/dpo.env, model load included): **{r['wall_s']:.0f} s** "
                       f"({'ok' if r.get('ok') else 'FAILED'})\n")
                 print("| stage | wall s | train runtime s | tokens (job) | tokens (our count) | tokens/s | pairs/s | peak GiB |")
                 print("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -815,6 +821,10 @@ def headline(files: list[Path]) -> dict:
         out[f"{stage}_{shape}"] = block
     e2e, _ = runs.get(("job", "sft+dpo", "e2e"), (None, None))
     out["e2e_seconds"] = e2e["wall_s"] if e2e and e2e.get("ok") else None
+    # Like for like with the issue's 202 s baseline, which predates the before/after generations (not a goal row).
+    nogen, _ = runs.get(("job", "sft+dpo", "e2e_nogen"), (None, None))
+    if nogen and nogen.get("ok"):
+        out["e2e_seconds_without_generations"] = nogen["wall_s"]
     if e2e and (e2e.get("skipped") or e2e.get("error")):
         out["e2e"] = {"skipped": e2e.get("skipped") or f"failed: {e2e['error'][:300]}"}
     elif e2e is None:

@@ -104,8 +104,9 @@ def test_the_parts_options_still_describe_the_same_runs():
     assert bench_module.plan_from_parts(a) == [
         ("sft", "seed", ["seed"], 12), ("dpo", "seed", ["seed"], 8), ("sft", "job", ["default"], None),
         ("sft", "job", ["lowmem"], 5), ("dpo", "job", ["default"], None), ("sft+dpo", "e2e", ["e2e"], None)]
-    assert bench_module.parse_plan("sft:job:default@8,sft:unsloth:unsloth_lowmem+unsloth,e2e") == [
-        ("sft", "job", ["default"], 8), ("sft", "unsloth", ["unsloth_lowmem", "unsloth"], None), ("sft+dpo", "e2e", ["e2e"], None)]
+    assert bench_module.parse_plan("sft:job:default@8,sft:unsloth:unsloth_lowmem+unsloth,e2e,e2e_nogen") == [
+        ("sft", "job", ["default"], 8), ("sft", "unsloth", ["unsloth_lowmem", "unsloth"], None), ("sft+dpo", "e2e", ["e2e"], None),
+        ("sft+dpo", "e2e", ["e2e_nogen"], None)]
 
 
 def test_headline_keeps_a_measurement_over_a_later_skip(tmp_path):

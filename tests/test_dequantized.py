@@ -142,6 +142,9 @@ def test_out_of_memory_drops_the_copy_first_then_turns_checkpointing_on(tiny_mod
     # What `auto` decides on a big GPU: checkpointing off, the copy kept.
     monkeypatch.setattr(common, "use_checkpointing", lambda s, *a, **k: s.train.gradient_checkpointing == "true")
     monkeypatch.setattr(common, "use_dequantized", lambda s, *a, **k: s.quant.keep_dequantized != "false")
+    # The micro-batch as set (on a GPU `auto` would merge the tiny model's steps, and give that back first:
+    # tests/test_micro_batches.py).
+    monkeypatch.setattr(common, "micro_batch", lambda s, *a, **k: s.train.per_device_train_batch_size)
     real_step = SFTTrainer.training_step
     seen = []
 
