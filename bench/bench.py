@@ -801,7 +801,7 @@ def headline(files: list[Path]) -> dict:
     if len(shapes) != 1:
         raise SystemExit(f"headline: one shape at a time, got {sorted(shapes)}")
     shape = shapes.pop()
-    env = results[0][1]["environment"]
+    env = results[-1][1]["environment"]  # the last file: its runs win (each row names its own source)
     out: dict = {"device": env.get("device"), "date": env.get("date"), "commit": env.get("git_commit"),
                  "versions": {k: env.get(k) for k in (*PACKAGES, "python", "cuda")},
                  "sources": [{"file": f.name, "command": res["environment"].get("command"), "date": res["environment"].get("date"),
