@@ -158,3 +158,31 @@ def test_out_of_memory_gives_the_merged_micro_batch_back_first(tiny_model, tmp_p
              JOB_QUANT__KEEP_DEQUANTIZED="false")
     assert "JOB_TRAIN__MERGE_MICRO_BATCHES=false" in str(e.value) and "4 rows" in str(e.value)
     assert not (tmp_path / "out" / "asked" / "_SUCCESS").exists()
+
+
+def _choose(rank: int, init: str, chosen: list[int], out):
+    import torch.distributed as dist
+
+    from job.stages.common import _same_on_every_process
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        out.put((rank, _same_on_every_process(chosen[rank])))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_processes_with_different_free_memory_agree_on_the_smallest_micro_batch(tmp_path):
+    """Two GPUs with different free memory may choose differently; processes accumulating over different numbers of
+    micro-batches would hang at the gradient all-reduce, so every process takes the smallest choice."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_choose, args=(rank, f"file://{tmp_path / 'store'}", [16, 8], out)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert results == {0: 8, 1: 8}

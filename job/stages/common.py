@@ -258,9 +258,24 @@ def memory_plan(s: JobSettings, model, sequences_per_example: int = 1, *, checkp
         keep_dequantized = model is not None and use_dequantized(s, model, sequences_per_example, liger,
                                                                  checkpointing=checkpointing)
     if micro_batch_rows is None:
-        micro_batch_rows = micro_batch(s, model, sequences_per_example, liger, checkpointing=checkpointing,
-                                       dequantized=keep_dequantized)
+        micro_batch_rows = _same_on_every_process(micro_batch(s, model, sequences_per_example, liger,
+                                                              checkpointing=checkpointing, dequantized=keep_dequantized))
     return MemoryPlan(checkpointing, keep_dequantized, micro_batch_rows)
+
+
+def _same_on_every_process(rows: int) -> int:
+    """With several processes (torchrun), the smallest micro-batch any of them chose: each GPU's free memory may
+    differ, and processes that accumulate over different numbers of micro-batches would wait for each other forever
+    at the gradient all-reduce. (The smallest of the choices also divides the step: each is the set size times a
+    divisor of the accumulation, and so is the minimum.)"""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    chosen = torch.tensor([rows], device=device)
+    dist.all_reduce(chosen, op=dist.ReduceOp.MIN)
+    return int(chosen.item())
 
 
 def liger_on(s: JobSettings) -> bool:
