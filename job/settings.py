@@ -149,9 +149,9 @@ class TrainSettings(_Group):
     #: per-micro-batch means are equal-sized, except that a last, partial step weighs its pairs evenly), fewer passes
     #: through the model. `auto`: on a GPU with checkpointing off, the largest split whose activations fit next to the
     #: dequantized copy (with several GPUs, the smallest any of them chose); the first thing a run that runs out of
-    #: memory gives back. `true`: the whole step in one
-    #: micro-batch. `false`: exactly as set. Not part of the run identity (how, not what, is trained): a pod that
-    #: resumes on another GPU may split steps differently. Measured on an H200, 13B SFT: bench/NOTES.md.
+    #: memory gives back. `true`: the whole step in one micro-batch. `false`: exactly as set. Not part of the run
+    #: identity (how, not what, is trained): a pod that resumes on another GPU may split steps differently.
+    #: Measured on an H200, 13B SFT: bench/NOTES.md.
     merge_micro_batches: AutoTrueFalse = "auto"
     #: SFT only: pack several examples into one row (no attention across examples; padding-free).
     packing: bool = True
