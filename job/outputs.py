@@ -138,7 +138,8 @@ def final_metrics(stage: str, trainer, train_result, eval_metrics: dict | None, 
         # How this run spent memory for speed: activations kept (checkpointing off), a dequantized copy of the base.
         "gradient_checkpointing": bool(trainer.args.activation_checkpointing),
         "dequantized_copy_gib": getattr(trainer, "job_dequantized_gib", None),
-        # How each step's rows were split (JOB_TRAIN__MERGE_MICRO_BATCHES): rows per micro-batch, micro-batches per step.
+        # How each step was split (JOB_TRAIN__MERGE_MICRO_BATCHES): examples per micro-batch (SFT: packed rows when
+        # packing; DPO: pairs) and micro-batches per step.
         "micro_batch": {"rows": trainer.args.per_device_train_batch_size,
                         "per_step": trainer.args.gradient_accumulation_steps},
         # What the length policy did (job/sequences.py): examples kept, prompts cut, dropped, and the first rows of each.

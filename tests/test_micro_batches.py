@@ -186,3 +186,40 @@ def test_processes_with_different_free_memory_agree_on_the_smallest_micro_batch(
     for p in procs:
         p.join(timeout=60)
     assert results == {0: 8, 1: 8}
+
+
+def test_a_run_stopped_with_merged_steps_resumes_with_split_ones_and_trains_the_same_adapter(tiny_model, tmp_path):
+    """A spot reclaim moves the run to a smaller GPU: the first attempt merged each step into one micro-batch, the next
+    one splits it as set. The identity does not change, the second attempt resumes from the first one's checkpoint,
+    and the adapter is the one an uninterrupted run trains. (Unpacked: 24 examples make 6 steps of 4, so a resume
+    that skipped the wrong examples would train on other ones; packed, the demo data fits in a few rows.)"""
+    from job import pipeline
+    from job.checkpoints import StopSignal
+    from job.errors import Preempted
+
+    class ReclaimedAfterStepOne(StopSignal):
+        def agree(self, device):  # checked after each optimizer step: as if the signal came during step 1
+            self.received = "SIGTERM"
+            return self.received
+
+    unpacked = {"JOB_TRAIN__PACKING": "false", "JOB_TRAIN__MAX_STEPS": "3", **FP32}
+    whole = _run(tiny_model, tmp_path, "whole", JOB_TRAIN__MERGE_MICRO_BATCHES="false", **unpacked)
+
+    real_run = pipeline.run
+    try:
+        pipeline.run = lambda s, **kw: real_run(s, stop=ReclaimedAfterStepOne())
+        with pytest.raises(Preempted):
+            _run(tiny_model, tmp_path, "spot", JOB_TRAIN__MERGE_MICRO_BATCHES="true", **unpacked)
+    finally:
+        pipeline.run = real_run
+    assert (tmp_path / "out" / "spot" / "checkpoints" / "checkpoint-1" / "_COMPLETE").exists()
+    assert not (tmp_path / "out" / "spot" / "_SUCCESS").exists()
+    # The next pod: same run id, another GPU, the step split as set; a fresh work directory.
+    spot = _run(tiny_model, tmp_path, "spot", JOB_TRAIN__MERGE_MICRO_BATCHES="false",
+                JOB_WORKDIR=str(tmp_path / "w" / "spot-2"), **unpacked)
+    run = json.loads((spot / "run.json").read_text())
+    metrics = json.loads((spot / "metrics.json").read_text())
+    assert run["resumed_from"] == "checkpoint-1" and metrics["session"]["steps"] == 2
+    assert metrics["micro_batch"] == {"rows": 2, "per_step": 2}
+    assert metrics["tokens"] == json.loads((whole / "metrics.json").read_text())["tokens"]
+    assert _max_difference(_adapter(whole), _adapter(spot)) <= 1e-7
