@@ -147,9 +147,10 @@ class TrainSettings(_Group):
     #: Run each optimizer step's PER_DEVICE_TRAIN_BATCH_SIZE x GRADIENT_ACCUMULATION_STEPS rows in fewer, larger
     #: micro-batches: the same rows and the same gradient per step (SFT's loss is normalised over the whole step; DPO's
     #: per-micro-batch means are equal-sized, except that a last, partial step weighs its pairs evenly), fewer passes
-    #: through the model. `auto`: on a GPU with checkpointing off, the largest split whose activations fit next to the
-    #: dequantized copy (with several GPUs, the smallest any of them chose); the first thing a run that runs out of
-    #: memory gives back. `true`: the whole step in one micro-batch. `false`: exactly as set. Not part of the run
+    #: through the model. `auto`: packed SFT on a GPU with checkpointing off, the largest split whose activations fit
+    #: next to the dequantized copy (with several GPUs, the smallest any of them chose); the first thing a run that
+    #: runs out of memory gives back. (DPO and unpacked SFT pad a micro-batch to its longest row, so a larger one also
+    #: pads more: not measured to pay, so `auto` leaves them as set; `true` merges them too.) `true`: the whole step in one micro-batch. `false`: exactly as set. Not part of the run
     #: identity (how, not what, is trained): a pod that resumes on another GPU may split steps differently.
     #: Measured on an H200, 13B SFT: bench/NOTES.md.
     merge_micro_batches: AutoTrueFalse = "auto"

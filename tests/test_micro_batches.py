@@ -87,8 +87,8 @@ def test_the_comparison_above_sees_a_step_that_weighs_its_rows_differently(tiny_
 
 def test_auto_merges_only_on_a_gpu_with_room_and_keeps_the_rows_per_step(monkeypatch):
     """The decision at llm-jp-3-13b's shape with the default 4 x 4 rows per step: on an H200 (131 GiB free once the
-    4-bit model is loaded, a 23.6 GiB copy) 8 rows of 1,024 tokens or 16 of the seed's 512; on an 80 GiB card, or
-    with checkpointing on, or without a GPU, as set."""
+    4-bit model is loaded, a 23.6 GiB copy) 8 packed rows of 1,024 tokens or 16 of the seed's 512; on an 80 GiB card,
+    with checkpointing on, without a GPU, or for padded micro-batches (DPO, unpacked SFT), as set."""
     import types
 
     import torch
@@ -102,9 +102,9 @@ def test_auto_merges_only_on_a_gpu_with_room_and_keeps_the_rows_per_step(monkeyp
     model = types.SimpleNamespace(config=LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40))
     gib = 2**30
 
-    def rows(free_gib: float, max_length=1024, stage_rows=1, copy_gib=23.6, setting="auto", **kw):
-        s = load_settings({"JOB_STAGE": "sft", **SETTINGS, "JOB_TRAIN__MAX_LENGTH": str(max_length),
-                           "JOB_TRAIN__MERGE_MICRO_BATCHES": setting})
+    def rows(free_gib: float, max_length=1024, stage_rows=1, copy_gib=23.6, setting="auto", packing="true", **kw):
+        s = load_settings({"JOB_STAGE": "sft" if stage_rows == 1 else "dpo", **SETTINGS, "JOB_TRAIN__PACKING": packing,
+                           "JOB_TRAIN__MAX_LENGTH": str(max_length), "JOB_TRAIN__MERGE_MICRO_BATCHES": setting})
         monkeypatch.setattr(common, "_free_gpu_bytes", lambda m: int(free_gib * gib))
         monkeypatch.setattr("job.model.dequantized_bytes", lambda m: int(copy_gib * gib))
         kw = {"checkpointing": False, "dequantized": copy_gib > 0, **kw}
@@ -113,7 +113,9 @@ def test_auto_merges_only_on_a_gpu_with_room_and_keeps_the_rows_per_step(monkeyp
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert rows(131) == 8 and rows(131, max_length=512) == 16  # H200: measured x1.06 and x1.61 (bench/NOTES.md)
     assert rows(131, copy_gib=0) == 8 and rows(200, copy_gib=0) == 16  # 16 rows of 1,024: ~178 GiB of activations
-    assert rows(131, stage_rows=2) == 4  # DPO at 1,024: four pairs already take ~90 GiB
+    # Padded micro-batches (DPO, unpacked SFT) stay as set even with room: a merged one would also pad more.
+    assert rows(500, stage_rows=2, max_length=256) == 4 and rows(500, packing="false") == 4
+    assert rows(500, stage_rows=2, max_length=256, setting="true") == 16
     assert rows(71, max_length=512) == 4  # an 80 GiB card: the copy took the room
     assert rows(131, checkpointing=True) == 4  # memory was short already
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -213,8 +213,8 @@ def micro_batch(s: JobSettings, model, sequences_per_example: int, liger: bool, 
                 dequantized: bool) -> int:
     """Rows per micro-batch under JOB_TRAIN__MERGE_MICRO_BATCHES: PER_DEVICE_TRAIN_BATCH_SIZE times a divisor of
     GRADIENT_ACCUMULATION_STEPS, so that a step keeps its rows. `auto` decides last, with what checkpointing and the
-    copy left: the largest split whose activations fit next to the copy, with checkpointing off (x1.6 measured at
-    the seed's 512-token rows, +6% at 1,024: bench/NOTES.md)."""
+    copy left: for packed SFT, the largest split whose activations fit next to the copy, with checkpointing off (x1.6
+    measured at the seed's 512-token rows, +6% at 1,024: bench/NOTES.md)."""
     from job.model import dequantized_bytes
 
     t = s.train
@@ -222,6 +222,10 @@ def micro_batch(s: JobSettings, model, sequences_per_example: int, liger: bool, 
     if t.merge_micro_batches != "auto":
         return rows * accumulation if t.merge_micro_batches == "true" else rows
     if checkpointing or accumulation == 1 or not torch.cuda.is_available() or model is None:
+        return rows
+    if sequences_per_example != 1 or not t.packing:
+        # DPO and unpacked SFT pad each micro-batch to its longest row: a merged one trades fewer passes for more
+        # padding, which has not been measured to pay. Packed rows have no padding (measured: bench/NOTES.md #10-12).
         return rows
     copy = dequantized_bytes(model) if dequantized else 0
     free = _free_gpu_bytes(model)
