@@ -235,11 +235,10 @@ def micro_batch(s: JobSettings, model, sequences_per_example: int, liger: bool, 
             return rows
         if k == 1 or need + copy <= 0.9 * free:
             break
-    unit = "pairs" if sequences_per_example == 2 else "rows"
-    log.info("micro-batches of %d %s x %d per step (JOB_TRAIN__MERGE_MICRO_BATCHES=auto; set: %d x %d): up to %d "
-             "tokens need ~%.1f GiB of activations next to a %.1f GiB copy, %.1f GiB free", rows * k, unit,
-             accumulation // k, rows, accumulation, _micro_batch_tokens(s, sequences_per_example, rows * k),
-             need / 2**30, copy / 2**30, free / 2**30)
+    log.info("micro-batches of %d rows x %d per step (JOB_TRAIN__MERGE_MICRO_BATCHES=auto; set: %d x %d): up to %d "
+             "tokens need ~%.1f GiB of activations next to a %.1f GiB copy, %.1f GiB free", rows * k, accumulation // k,
+             rows, accumulation, _micro_batch_tokens(s, sequences_per_example, rows * k), need / 2**30, copy / 2**30,
+             free / 2**30)
     return rows * k
 
 
