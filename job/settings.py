@@ -150,9 +150,9 @@ class TrainSettings(_Group):
     #: through the model. `auto`: packed SFT on a GPU with checkpointing off, the largest split whose activations fit
     #: next to the dequantized copy (with several GPUs, the smallest any of them chose); the first thing a run that
     #: runs out of memory gives back. (DPO and unpacked SFT pad a micro-batch to its longest row, so a larger one also
-    #: pads more: not measured to pay, so `auto` leaves them as set; `true` merges them too.) `true`: the whole step in one micro-batch. `false`: exactly as set. Not part of the run
-    #: identity (how, not what, is trained): a pod that resumes on another GPU may split steps differently.
-    #: Measured on an H200, 13B SFT: bench/NOTES.md.
+    #: pads more: not measured to pay, so `auto` leaves them as set.) `true`: the whole step in one micro-batch, any
+    #: stage. `false`: exactly as set. Not part of the run identity (how, not what, is trained): a pod that resumes on
+    #: another GPU may split steps differently. Measured on an H200, 13B SFT: bench/NOTES.md.
     merge_micro_batches: AutoTrueFalse = "auto"
     #: SFT only: pack several examples into one row (no attention across examples; padding-free).
     packing: bool = True

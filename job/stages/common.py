@@ -51,10 +51,10 @@ JOB_STATE = "job_state.json"
 
 
 def make_trainer(trainer_cls, s: JobSettings, model, args, tokenizer, train_rows, eval_rows, callbacks, padded_lengths, *,
-                 identity: str | None = None, sequences_per_example: int = 1, keep_dequantized: bool | None = None):
+                 keep_dequantized: bool, identity: str | None = None):
     """TRL's trainer for a stage, on the job's tokenized rows (job/sequences.py), with a new LoRA adapter (or the
     PeftModel's own, from JOB_ADAPTER), fp32 trainable weights and length-sorted micro-batches; the 4-bit base
-    dequantized once where JOB_QUANT__KEEP_DEQUANTIZED says so (`keep_dequantized` overrides `auto`).
+    dequantized once when `keep_dequantized` (memory_plan's decision for JOB_QUANT__KEEP_DEQUANTIZED).
 
     `padded_lengths(args, dataset)` is each example's padded length, or None where nothing is padded (packed SFT): then
     the trainer's own sampler."""
@@ -126,9 +126,6 @@ def make_trainer(trainer_cls, s: JobSettings, model, args, tokenizer, train_rows
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
                       eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None, processing_class=tokenizer,
                       peft_config=peft_config, callbacks=callbacks)
-    if keep_dequantized is None:
-        keep_dequantized = use_dequantized(s, trainer.model, sequences_per_example, bool(args.use_liger_kernel),
-                                           checkpointing=bool(args.activation_checkpointing))
     # Read by metrics.json: what this run kept in GPU memory to go faster.
     trainer.job_dequantized_gib = None
     if keep_dequantized:

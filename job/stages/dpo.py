@@ -31,4 +31,4 @@ def build_trainer(s: JobSettings, model, tokenizer, train_rows, eval_rows, check
                          micro_batch_rows=micro_batch_rows)
     args = training_args(s, checkpoint_dir, has_eval=bool(eval_rows), progress_bar=progress_bar, memory=memory)
     return make_trainer(DPOTrainer, s, model, args, tokenizer, train_rows, eval_rows, callbacks, pair_lengths,
-                        identity=identity, sequences_per_example=2, keep_dequantized=memory.dequantized)
+                        keep_dequantized=memory.dequantized, identity=identity)

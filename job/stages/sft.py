@@ -28,4 +28,4 @@ def build_trainer(s: JobSettings, model, tokenizer, train_rows, eval_rows, check
                          micro_batch_rows=micro_batch_rows)
     args = training_args(s, checkpoint_dir, has_eval=bool(eval_rows), progress_bar=progress_bar, memory=memory)
     return make_trainer(SFTTrainer, s, model, args, tokenizer, train_rows, eval_rows, callbacks, example_lengths,
-                        identity=identity, keep_dequantized=memory.dequantized)
+                        keep_dequantized=memory.dequantized, identity=identity)
