@@ -147,15 +147,22 @@ def test_hidden_files_and_folders_are_skipped_and_the_report_lists_what_was_read
     assert len(load(tmp_path / ".ipynb_checkpoints" / "train-checkpoint.jsonl")) == 1
 
 
+def _header_refused_then_mapped(path, header: str) -> list[dict]:
+    """A DPO CSV whose header maps no column: refused, naming the file, the header and the three variables; then
+    read with those variables set to the header's names (its records)."""
+    with pytest.raises(DataError) as e:
+        load(path, "dpo")
+    msg = str(e.value)
+    assert msg.startswith(f"s3://b/{path.name}: the header {header} has no column 'prompt', 'chosen', 'rejected'")
+    assert "JOB_COLUMNS__PROMPT, JOB_COLUMNS__CHOSEN, JOB_COLUMNS__REJECTED" in msg
+    prompt, chosen, rejected = header.split(",")
+    return load(path, "dpo", prompt=prompt, chosen=chosen, rejected=rejected)
+
+
 def test_dpo_csv_header_that_does_not_map_is_refused_not_trained_as_a_pair(tmp_path):
     (tmp_path / "pairs.csv").write_text("question,good,bad\n日本の首都は？,東京です。,大阪です。\n", encoding="utf-8")
-    with pytest.raises(DataError) as e:
-        load(tmp_path / "pairs.csv", "dpo")
-    msg = str(e.value)
-    assert msg.startswith("s3://b/pairs.csv: the header question,good,bad has no column 'prompt', 'chosen', 'rejected'")
-    assert "JOB_COLUMNS__PROMPT, JOB_COLUMNS__CHOSEN, JOB_COLUMNS__REJECTED" in msg
     # ... and with the variables it names, the same file trains: one pair, the header is not a row.
-    recs = load(tmp_path / "pairs.csv", "dpo", prompt="question", chosen="good", rejected="bad")
+    recs = _header_refused_then_mapped(tmp_path / "pairs.csv", "question,good,bad")
     assert recs == [{"prompt": USER("日本の首都は？"), "chosen": ASSISTANT("東京です。"), "rejected": ASSISTANT("大阪です。"),
                      "source": "s3://b/pairs.csv: row 1"}]
 
@@ -183,12 +190,7 @@ def test_a_dpo_csv_header_in_japanese_is_never_trained_on(tmp_path):
     rows = "質問,良い回答,悪い回答\n日本で一番高い山は何ですか？,富士山です。標高は3776メートルです。,わかりません。\n" \
            "日本の首都はどこですか？,東京です。政治と経済の中心です。,大阪だと思います。\n"
     (tmp_path / "ja.csv").write_text(rows, encoding="utf-8")
-    with pytest.raises(DataError) as e:
-        load(tmp_path / "ja.csv", "dpo")
-    msg = str(e.value)
-    assert msg.startswith("s3://b/ja.csv: the header 質問,良い回答,悪い回答 has no column 'prompt', 'chosen', 'rejected'")
-    assert "JOB_COLUMNS__PROMPT, JOB_COLUMNS__CHOSEN, JOB_COLUMNS__REJECTED" in msg
-    recs = load(tmp_path / "ja.csv", "dpo", prompt="質問", chosen="良い回答", rejected="悪い回答")
+    recs = _header_refused_then_mapped(tmp_path / "ja.csv", "質問,良い回答,悪い回答")
     assert [r["prompt"] for r in recs] == [USER("日本で一番高い山は何ですか？"), USER("日本の首都はどこですか？")]
     assert recs[0]["source"] == "s3://b/ja.csv: row 1"
     # Rows like line 1 below it: a header-less file, every line a pair.
