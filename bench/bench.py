@@ -500,12 +500,15 @@ def run_e2e(ctx: dict, name: str = "e2e") -> dict:
                "JOB_DATA": str(ctx["sft_data"] if stage == "sft" else ctx["dpo_data"])}
         if stage == "dpo":
             env["JOB_ADAPTER"] = str(runs / stages[0]["run_id"] / "adapter")
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.time()
         p = subprocess.run([sys.executable, "-m", "job"], env=env, cwd=ROOT, capture_output=True, text=True)
         wall = time.perf_counter() - t0
         # The job's JSON log (timestamped): where the time outside training goes (imports, load, generations, upload).
         (ctx.get("out", ctx["work"]) / f"{name.replace('_', '-')}-{stage}.log.jsonl").write_text(p.stdout + p.stderr)
+        # start and end on the log's clock: the log's first and last lines then split off imports and exit
         s = {"stage": stage, "run_id": env["JOB_RUN_ID"], "exit_code": p.returncode, "wall_s": round(wall, 2),
+             "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="milliseconds"),
+             "ended": datetime.fromtimestamp(started + wall, timezone.utc).isoformat(timespec="milliseconds"),
              "settings": {k: v for k, v in env.items() if k.startswith("JOB_") and k not in paths and k != "JOB_DATA"}}
         if p.returncode != 0:
             s["stderr_tail"] = (p.stderr or p.stdout)[-3000:]

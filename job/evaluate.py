@@ -232,6 +232,8 @@ def generate(model, tokenizer, prompts: list[Prompt], *, max_new_tokens: int, ba
     already needs; prompts are sorted by length so each batch pads little."""
     import torch
 
+    from job import decode
+
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     encoded = [tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=True, return_dict=False)
@@ -240,6 +242,9 @@ def generate(model, tokenizer, prompts: list[Prompt], *, max_new_tokens: int, ba
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     device = next(model.parameters()).device
     deadline = time.monotonic() + time_budget_s
+    why_not = decode.unsupported(model)  # job/decode.py's static cache and CUDA graph, or transformers' generate
+    if why_not is not None:
+        log.info("generations: transformers' generate (the static-cache path does not cover this model: %s)", why_not)
     was_training = model.training
     model.eval()
     try:
@@ -252,10 +257,15 @@ def generate(model, tokenizer, prompts: list[Prompt], *, max_new_tokens: int, ba
             idx = order[start:end]
             batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, padding_side="left", return_tensors="pt").to(device)
             with torch.no_grad():
-                seqs = model.generate(**batch, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                                      eos_token_id=eos, pad_token_id=pad, use_cache=True,
-                                      max_time=max(deadline - time.monotonic(), 1.0))
-            for i, row in zip(idx, seqs[:, batch["input_ids"].shape[1]:].tolist()):
+                if why_not is None:
+                    new = decode.greedy(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
+                                        eos=eos, deadline=deadline)
+                else:
+                    seqs = model.generate(**batch, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                                          eos_token_id=eos, pad_token_id=pad, use_cache=True,
+                                          max_time=max(deadline - time.monotonic(), 1.0))
+                    new = seqs[:, batch["input_ids"].shape[1]:]
+            for i, row in zip(idx, new.tolist()):
                 stop = next((k for k, t in enumerate(row) if t in eos), None)
                 answer = row if stop is None else row[:stop]
                 results[i].update(text=tokenizer.decode(answer, skip_special_tokens=True), stopped_at_eos=stop is not None,
