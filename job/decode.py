@@ -117,16 +117,17 @@ def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
 
     # The graph: warm-up steps on a side stream (as torch.cuda.graphs asks), then one step recorded, not run.
     graph = graph and max_new_tokens - 1 >= WARMUP_STEPS + MIN_GRAPH_TOKENS
-    side = torch.cuda.Stream(device) if graph else None
+    side = _side_stream(device) if graph else None
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(device))
+    stream = side
     n, replay = 1, None
     while n < max_new_tokens:
         if n % CHECK_EVERY == 0 and (bool(done.all()) or time.monotonic() >= deadline):
             break
         if side is not None and n == 1 + WARMUP_STEPS:
             torch.cuda.current_stream(device).wait_stream(side)
-            side, replay = None, _capture(step)
+            side, replay = None, _capture(step, stream)
         if replay is not None:
             replay.replay()
         elif side is not None:
@@ -140,12 +141,20 @@ def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
     return out[:, :n]
 
 
-def _capture(step):
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One stream per GPU for the warm-up steps and the capture, for the whole process: cuBLAS keeps a workspace for
+    each stream it has run on (32 MiB on an H200, measured: tests/test_dequantized.py's memory check), so a new
+    stream for each batch would leave one more behind each time."""
+    return torch.cuda.Stream(device)
+
+
+def _capture(step, stream: torch.cuda.Stream):
     """A CUDA graph of `step` (capture records its kernels, it does not run them), or None when it can't be
     captured."""
     try:
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        with torch.cuda.graph(g, stream=stream):
             step()
         return g
     except Exception as exc:  # an operation that syncs with the host, say: go on eagerly

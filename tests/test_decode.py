@@ -140,7 +140,7 @@ def test_on_a_gpu_the_replayed_graph_answers_like_the_eager_loop(tiny_model, mon
     batch = _batch(tok, PROMPTS, "cuda")
     captured = []
     real_capture = decode._capture
-    monkeypatch.setattr(decode, "_capture", lambda step: captured.append(real_capture(step)) or captured[-1])
+    monkeypatch.setattr(decode, "_capture", lambda *a: captured.append(real_capture(*a)) or captured[-1])
     with torch.no_grad():
         eager = _greedy(model, batch, 40, graph=False)
         assert not captured
