@@ -12,8 +12,8 @@ write position kept in GPU tensors that the replay itself advances.
 The answers are the ones `generate` gives (tests/test_decode.py compares them token for token): the same
 greedy choice, the same positions for left-padded prompts (`cumsum(mask) - 1`), each token attending to its own
 prompt's tokens and answer so far. Models this path does not cover (a cache that is not one full-attention layer
-type throughout, a forward without `cache` and `logits_to_keep`) get transformers' `generate`; so does a graph that
-cannot be captured, from the step where capture failed (`greedy` then goes on eagerly).
+type throughout, a forward without `cache` and `logits_to_keep`) get transformers' `generate`. A step that cannot be
+captured as a graph (an operation that waits for the host, say) is logged, and the loop goes on eagerly.
 
     >>> new = greedy(model, input_ids, attention_mask, max_new_tokens=256, eos=[2], deadline=time.monotonic() + 300)
 """
@@ -117,10 +117,9 @@ def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
 
     # The graph: warm-up steps on a side stream (as torch.cuda.graphs asks), then one step recorded, not run.
     graph = graph and max_new_tokens - 1 >= WARMUP_STEPS + MIN_GRAPH_TOKENS
-    side = _side_stream(device) if graph else None
+    stream = side = _side_stream(device) if graph else None  # `side`: the warm-up is still going on
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(device))
-    stream = side
     n, replay = 1, None
     while n < max_new_tokens:
         if n % CHECK_EVERY == 0 and (bool(done.all()) or time.monotonic() >= deadline):
