@@ -76,6 +76,7 @@ VARIANTS = {
     "gc_bs8_unsorted": {**variant(8, 2, "true"), "_unsorted": "1"},
     # Low memory at the default micro-batch (4 packed rows of 1,024 tokens): checkpointing, 8-bit paged AdamW.
     "lowmem4": variant(4, 4, "true", JOB_TRAIN__OPTIM="paged_adamw_8bit"),
+    "lowmem8": variant(8, 2, "true", JOB_TRAIN__OPTIM="paged_adamw_8bit"),
     # Levers, one at a time against `default` (bench/NOTES.md): `sdpa` is the attention before job/attention.py
     # (packed rows as masked SDPA); `cudnn` lets SDPA use cuDNN again where job/attention.py's masked path avoids it;
     # `dropout0` is LoRA without dropout (a speed measurement only: the default changes only with learning evidence).
@@ -87,6 +88,9 @@ VARIANTS = {
     "dequant": {"JOB_QUANT__KEEP_DEQUANTIZED": "true"},
     "nodequant": {"JOB_QUANT__KEEP_DEQUANTIZED": "false"},
     "nogc": variant(4, 4, "false"),
+    # PEFT's own LoRA forward instead of job/lora.py's lean one (row 15 of bench/NOTES.md), at the default and at low memory.
+    "peft_lora": {"_peft_lora": "1"},
+    "lowmem4_peft_lora": {**variant(4, 4, "true", JOB_TRAIN__OPTIM="paged_adamw_8bit"), "_peft_lora": "1"},
     # The seed's row length (docker/sft.env: JOB_TRAIN__MAX_LENGTH=512) at the default micro-batch (4 rows: 2,048
     # tokens) and with the step's 16 rows in one micro-batch (8,192 tokens; the same rows and gradient per step):
     # what a larger micro-batch would buy the end-to-end run, whose SFT trains at 2,048 tokens per micro-batch.
@@ -322,9 +326,10 @@ def run_job(stage: str, ctx: dict, name: str, overrides: dict, steps: int, adapt
     original_sampler = common.step_sorted_sampler
     if "_unsorted" in switches:  # steps of one example: the sampler's seeded permutation, unsorted
         common.step_sorted_sampler = lambda args, lengths: StepSortedSampler(lengths, 1, args.data_seed)
-    from job import attention
+    from job import attention, lora
 
     original_choose, original_cudnn = attention.choose, attention.AVOID_CUDNN
+    lora.LEAN = "_peft_lora" not in switches
     if "_attn" in switches:  # load the model with this attention instead of the job's choice
         attention.choose = lambda device, _impl=env["_attn"]: _impl
     if "_cudnn" in switches:
@@ -338,6 +343,7 @@ def run_job(stage: str, ctx: dict, name: str, overrides: dict, steps: int, adapt
         r["gradient_accumulation_steps"] = trainer.args.gradient_accumulation_steps
         r["attn_implementation"] = trainer.model.config._attn_implementation
         r["dequantized_gib"] = trainer.job_dequantized_gib  # what JOB_QUANT__KEEP_DEQUANTIZED chose (None: no copy)
+        r["lean_lora_layers"] = sum("forward" in m.__dict__ for m in lora.lora_layers(trainer.model))  # job/lora.py
         return trainer
 
     r: dict = {"name": name, "who": "job", "stage": stage, "max_steps": steps, "overrides": overrides,
@@ -352,6 +358,7 @@ def run_job(stage: str, ctx: dict, name: str, overrides: dict, steps: int, adapt
         module.build_trainer = original
         common.step_sorted_sampler = original_sampler
         attention.choose, attention.AVOID_CUDNN = original_choose, original_cudnn
+        lora.LEAN = True
     m = json.loads((out / "metrics.json").read_text())
     r["metrics"] = m
     r.update({k: m.get(k) for k in ("steps", "tokens", "train_runtime_s", "tokens_per_second", "train_loss")})

@@ -89,6 +89,24 @@ def keys(client, bucket: str, prefix: str = "") -> list[str]:
     return sorted(out)
 
 
+def four_bit_lora_model(tiny_model: Path, device: str = "cpu", dropout: float = 0.0, compute_dtype: str = "bfloat16"):
+    """The tiny model in NF4 (the job's quantization settings; `compute_dtype` for the base's products and the model's
+    other weights) with a LoRA adapter on every linear layer whose B is not zero (init_lora_weights=False), so that the
+    adapter changes the outputs from the first step."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from job.model import quantization_config
+    from job.settings import QuantSettings
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_model, quantization_config=quantization_config(QuantSettings(compute_dtype=compute_dtype)),
+                                             dtype=getattr(torch, compute_dtype), device_map={"": device})  # the CPU on any machine by default
+    torch.manual_seed(0)
+    return get_peft_model(m, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear",
+                                        init_lora_weights=False))
+
+
 def job_env(**extra: str) -> dict:
     """A clean environment for a `python -m job` subprocess: no JOB_ variables from the outside, quiet and fast."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JOB_", "AWS_", "HF_TOKEN"))}

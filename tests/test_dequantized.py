@@ -8,23 +8,9 @@ import json
 import logging
 
 import pytest
-from conftest import DEMO_DATA
+from conftest import DEMO_DATA, four_bit_lora_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def _four_bit_lora_model(tiny_model, device="cpu"):
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from job.model import quantization_config
-    from job.settings import QuantSettings
-
-    m = AutoModelForCausalLM.from_pretrained(tiny_model, quantization_config=quantization_config(QuantSettings()),
-                                             dtype=torch.bfloat16, device_map={"": device})  # the CPU on any machine by default
-    torch.manual_seed(0)
-    return get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
 
 
 def test_the_kept_copy_gives_bitsandbytes_logits_and_gradients_without_calling_it(tiny_model, monkeypatch):
@@ -42,7 +28,7 @@ def test_the_kept_copy_gives_bitsandbytes_logits_and_gradients_without_calling_i
         out.loss.backward()
         return out.logits.detach().float(), {n: p.grad.float() for n, p in m.named_parameters() if p.requires_grad}
 
-    base, fast = _four_bit_lora_model(tiny_model), _four_bit_lora_model(tiny_model)
+    base, fast = four_bit_lora_model(tiny_model), four_bit_lora_model(tiny_model)
     expected = dequantized_bytes(fast)
     assert expected == sum(layer.weight.quant_state.shape.numel() * 2 for layer in four_bit_layers(fast)) > 0
     assert keep_dequantized(fast) == expected
@@ -100,7 +86,7 @@ def test_auto_keeps_the_copy_only_when_checkpointing_is_off_and_it_fits(tiny_mod
     from job.settings import load_settings
     from job.stages import common
 
-    model = _four_bit_lora_model(tiny_model)
+    model = four_bit_lora_model(tiny_model)
     s = load_settings({"JOB_STAGE": "sft", "JOB_BASE_MODEL": "/m", "JOB_DATA": "/d", "JOB_OUTPUT": "/o"})
     assert s.quant.keep_dequantized == "auto"
     monkeypatch.setattr(common.torch.cuda, "is_available", lambda: False)
@@ -179,7 +165,7 @@ def test_a_dropped_copy_gives_the_layers_back_to_bitsandbytes(tiny_model, monkey
 
     # On a GPU machine, on the GPU: earlier tests in the process may have patched the Llama module with Liger's
     # Triton kernels, which take CUDA tensors only.
-    model = _four_bit_lora_model(tiny_model, "cuda" if torch.cuda.is_available() else "cpu")
+    model = four_bit_lora_model(tiny_model, "cuda" if torch.cuda.is_available() else "cpu")
     ids = torch.randint(5, 500, (1, 16), generator=torch.Generator().manual_seed(2)).to(model.device)
     with torch.no_grad():
         before = model(input_ids=ids).logits

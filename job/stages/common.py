@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from job import lora
 from job.settings import JobSettings
 
 log = logging.getLogger("job")
@@ -134,6 +135,9 @@ def make_trainer(trainer_cls, s: JobSettings, model, args, tokenizer, train_rows
         trainer.job_dequantized_gib = round(keep(trainer.model) / 2**30, 3)
         log.info("4-bit base weights dequantized once: a %.1f GiB copy in %s (JOB_QUANT__KEEP_DEQUANTIZED=%s)",
                  trainer.job_dequantized_gib, s.quant.compute_dtype, s.quant.keep_dequantized)
+    if lora.LEAN:
+        lean = lora.make_lean(trainer.model)
+        log.debug("%d LoRA layers on the lean forward (job/lora.py)", lean)
     return trainer
 
 

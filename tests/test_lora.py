@@ -1,0 +1,131 @@
+"""job/lora.py: the lean LoRA forward trains like PEFT's own (same loss and gradients under bf16 autocast, the same
+dropout masks), really replaces it, and lets checkpointing's recompute skip the base GEMM of each layer's last
+projection. The speed it buys is measured on the GPU (bench/NOTES.md, row 15)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import four_bit_lora_model
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif("not __import__('torch').cuda.is_available()"))]
+
+
+def _model(tiny_model, device, *, kept=False, dropout=0.1, compute_dtype="bfloat16"):
+    from job.model import keep_dequantized
+
+    m = four_bit_lora_model(tiny_model, device, dropout=dropout, compute_dtype=compute_dtype)
+    for p in m.parameters():
+        if p.requires_grad:  # the job trains the adapter in fp32 under bf16 autocast (job/stages/common.py)
+            p.data = p.data.float()
+    if kept:
+        assert keep_dequantized(m) > 0
+    return m.train()
+
+
+def _step(m, ids, seed=5, autocast=True):
+    import torch
+
+    torch.manual_seed(seed)  # the same dropout masks for the same seed
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = m(input_ids=ids, labels=ids)
+    m.zero_grad()
+    out.loss.backward()
+    return out.loss.detach().float(), {n: p.grad.float().clone() for n, p in m.named_parameters() if p.requires_grad}
+
+
+def _worst(grads, reference):
+    """The largest relative error of any LoRA gradient against the reference's."""
+    return max(((grads[n] - g).norm() / g.norm()).item() for n, g in reference.items())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kept", [False, True], ids=["4bit", "kept-copy"])
+def test_lean_forward_trains_like_peft(tiny_model, device, kept, monkeypatch):
+    """Under bf16 autocast, with dropout, the lean forward's loss and LoRA gradients are as close to an fp32
+    reference (the same 4-bit model and adapter computed in fp32, same dropout masks) as PEFT's own forward's are: the
+    two sum the same products in another order, and bf16 rounding alone moves a gradient of this tiny model by ~6%.
+    Controls: the same layers with the adapter's scaling left out, and PEFT's forward with other dropout masks, are
+    each several times further off; and the lean model keeps running when PEFT's forward is made to fail, which the
+    PEFT model does not (so the lean path is the one measured)."""
+    import torch
+    from peft.tuners.lora.bnb import Linear4bit
+
+    from job import lora
+
+    peft_model = _model(tiny_model, device, kept=kept)
+    lean_model = _model(tiny_model, device, kept=kept)
+    reference = _model(tiny_model, device, compute_dtype="float32")
+    reference.load_state_dict({k: v.float() for k, v in peft_model.state_dict().items() if "lora_" in k}, strict=False)
+    assert lora.make_lean(lean_model) == len(lora.lora_layers(lean_model)) == 14  # 2 layers x 7 projections
+    assert lora.make_lean(lean_model) == 0  # once
+    ids = torch.randint(5, 500, (2, 40), generator=torch.Generator().manual_seed(1)).to(device)
+
+    loss_r, grads_r = _step(reference, ids, autocast=False)
+    loss_p, grads_p = _step(peft_model, ids)
+    loss_l, grads_l = _step(lean_model, ids)
+    assert grads_l.keys() == grads_p.keys() == grads_r.keys()
+    assert abs(loss_l - loss_r) <= 1.5 * abs(loss_p - loss_r) + 1e-3 * loss_r
+    peft_error, lean_error = _worst(grads_p, grads_r), _worst(grads_l, grads_r)
+    assert lean_error <= 1.2 * peft_error, (lean_error, peft_error)
+
+    _, other_masks = _step(peft_model, ids, seed=6)
+    assert _worst(other_masks, grads_r) > 3 * peft_error
+    for layer in lora.lora_layers(lean_model):
+        layer.scaling["default"] = 1.0  # alpha/r = 2 in the model: the adapter's half of each sum is off by 2x
+    _, unscaled = _step(lean_model, ids)
+    assert _worst(unscaled, grads_r) > 3 * peft_error
+
+    def broken(self, *a, **kw):
+        raise AssertionError("PEFT's forward was called")
+
+    monkeypatch.setattr(Linear4bit, "forward", broken)
+    _step(lean_model, ids)  # no AssertionError: every layer took the lean path
+    with pytest.raises(AssertionError, match="PEFT's forward was called"):
+        _step(peft_model, ids)
+
+
+def test_outside_autocast_and_with_adapters_disabled_it_is_peft_forward(tiny_model):
+    """Where the lean path does not apply (no autocast: inference, CPU training in fp32; the adapter disabled: DPO's
+    reference) the lean model gives PEFT's outputs exactly."""
+    import torch
+
+    from job import lora
+
+    peft_model = _model(tiny_model, "cpu").eval()
+    lean_model = _model(tiny_model, "cpu").eval()
+    lora.make_lean(lean_model)
+    ids = torch.randint(5, 500, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(lean_model(input_ids=ids).logits, peft_model(input_ids=ids).logits, rtol=0, atol=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16), lean_model.disable_adapter(), peft_model.disable_adapter():
+            torch.testing.assert_close(lean_model(input_ids=ids).logits, peft_model(input_ids=ids).logits, rtol=0, atol=0)
+    assert lora.undo(lean_model) == 14 and lora.undo(lean_model) == 0
+
+
+@pytest.mark.parametrize("make_lean", [True, False], ids=["lean", "peft-control"])
+def test_checkpointing_does_not_recompute_the_last_projection(tiny_model, make_lean):
+    """With non-reentrant checkpointing (the job's), each decoder layer's forward runs again in the backward. The lean
+    forward saves everything the backward needs before calling the base layer, so torch's early stop ends each
+    recompute before the base GEMM of the layer's last projection (down_proj): one call per step instead of two,
+    every other projection two. The control (PEFT's forward) calls down_proj's base twice."""
+    import torch
+
+    from job import lora
+
+    model = _model(tiny_model, "cpu")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if make_lean:
+        lora.make_lean(model)
+    calls: dict[str, int] = {}
+    for layer in lora.lora_layers(model):
+        name = layer.base_layer.__class__.__name__ + ":" + next(n for n, m in model.named_modules() if m is layer)
+        layer.base_layer.register_forward_hook(lambda *_, key=name: calls.__setitem__(key, calls.get(key, 0) + 1))
+    ids = torch.randint(5, 500, (2, 32), generator=torch.Generator().manual_seed(3))
+    _step(model, ids)
+    down = {k: v for k, v in calls.items() if k.endswith("down_proj")}
+    others = {k: v for k, v in calls.items() if not k.endswith("down_proj")}
+    assert len(down) == 2 and len(others) == 12 and all(k.startswith("Linear4bit:") for k in calls)
+    assert set(others.values()) == {2}  # forward + recompute
+    assert set(down.values()) == ({1} if make_lean else {2})
