@@ -77,6 +77,10 @@ VARIANTS = {
     # Low memory at the default micro-batch (4 packed rows of 1,024 tokens): checkpointing, 8-bit paged AdamW.
     "lowmem4": variant(4, 4, "true", JOB_TRAIN__OPTIM="paged_adamw_8bit"),
     "lowmem8": variant(8, 2, "true", JOB_TRAIN__OPTIM="paged_adamw_8bit"),
+    # ... with the checkpointed layers' inputs in pinned CPU memory (JOB_TRAIN__OFFLOAD_CHECKPOINTS): 8 rows of 1,024
+    # per micro-batch at the memory of 4 without it.
+    "lowmem8_offload": variant(8, 2, "true", JOB_TRAIN__OPTIM="paged_adamw_8bit", JOB_TRAIN__OFFLOAD_CHECKPOINTS="true"),
+    "lowmem4_offload": variant(4, 4, "true", JOB_TRAIN__OPTIM="paged_adamw_8bit", JOB_TRAIN__OFFLOAD_CHECKPOINTS="true"),
     # Levers, one at a time against `default` (bench/NOTES.md): `sdpa` is the attention before job/attention.py
     # (packed rows as masked SDPA); `cudnn` lets SDPA use cuDNN again where job/attention.py's masked path avoids it;
     # `dropout0` is LoRA without dropout (a speed measurement only: the default changes only with learning evidence).

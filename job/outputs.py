@@ -137,6 +137,7 @@ def final_metrics(stage: str, trainer, train_result, eval_metrics: dict | None, 
         "peak_gpu_memory_reserved_gib": None,
         # How this run spent memory for speed: activations kept (checkpointing off), a dequantized copy of the base.
         "gradient_checkpointing": bool(trainer.args.activation_checkpointing),
+        "offloaded_checkpoints": bool(getattr(trainer, "job_offload", False)),  # JOB_TRAIN__OFFLOAD_CHECKPOINTS in effect
         "dequantized_copy_gib": getattr(trainer, "job_dequantized_gib", None),
         # How each step was split (JOB_TRAIN__MERGE_MICRO_BATCHES): examples per micro-batch (SFT: packed rows when
         # packing; DPO: pairs) and micro-batches per step.

@@ -39,7 +39,7 @@ OPERATIONAL = {"workdir", "log_format", "run_id", "restart", "hf_token", "output
                "hub_private"}
 #: How a step is computed, not what it computes: a retried pod on another GPU type may choose differently.
 OPERATIONAL_TRAIN = {"save_steps", "logging_steps", "report_to", "per_device_eval_batch_size", "eval_steps",
-                     "merge_micro_batches"}
+                     "merge_micro_batches", "offload_checkpoints"}
 
 
 @dataclass

@@ -144,6 +144,11 @@ class TrainSettings(_Group):
     #: model), else on; always on without a GPU. Measured on an H100, 13B SFT: off 5,496 tokens/s at 48 GiB peak, on
     #: 3,655 tokens/s at 11 GiB (bench/results/).
     gradient_checkpointing: AutoTrueFalse = "auto"
+    #: With gradient checkpointing on a GPU, keep what checkpointing saves of each layer (its input) in pinned CPU
+    #: memory until the backward pass, copied out and back alongside the computation (job/offload.py): a 13B keeps
+    #: 400 KiB less GPU memory per token of a micro-batch, room for a micro-batch twice as large at the same peak.
+    #: Not part of the run identity. Measured on an H200, 13B SFT: bench/NOTES.md.
+    offload_checkpoints: bool = False
     #: Run each optimizer step's PER_DEVICE_TRAIN_BATCH_SIZE x GRADIENT_ACCUMULATION_STEPS rows in fewer, larger
     #: micro-batches: the same rows and the same gradient per step (SFT's loss is normalised over the whole step; DPO's
     #: per-micro-batch means are equal-sized, except that a last, partial step weighs its pairs evenly), fewer passes

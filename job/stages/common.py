@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from job import lora
+from job import lora, offload
 from job.settings import JobSettings
 
 log = logging.getLogger("job")
@@ -79,10 +79,12 @@ def make_trainer(trainer_cls, s: JobSettings, model, args, tokenizer, train_rows
                     p.data = exact[name].to(p.device) if name in exact else p.data.to(torch.float32)
             self.job_resumed = {"step": 0, "tokens": 0}
             self.job_rows_seen = 0  # training rows this session (DPO: a chosen and a rejected row per pair)
+            self.job_offload = False  # JOB_TRAIN__OFFLOAD_CHECKPOINTS in effect (set below)
 
         def training_step(self, model, inputs, *a, **kw):
             self.job_rows_seen += len(inputs["input_ids"])
-            return super().training_step(model, inputs, *a, **kw)
+            with offload.during_step(self.job_offload):
+                return super().training_step(model, inputs, *a, **kw)
 
         def _prepare_dataset(self, dataset, *a, **kw):
             if "prompt_ids" in dataset.column_names:  # DPO rows the job tokenized and fitted itself
@@ -127,6 +129,11 @@ def make_trainer(trainer_cls, s: JobSettings, model, args, tokenizer, train_rows
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
                       eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None, processing_class=tokenizer,
                       peft_config=peft_config, callbacks=callbacks)
+    trainer.job_offload = bool(s.train.offload_checkpoints and trainer.args.activation_checkpointing and torch.cuda.is_available())
+    if trainer.job_offload:
+        log.info("checkpointed layer inputs kept in pinned CPU memory until the backward (JOB_TRAIN__OFFLOAD_CHECKPOINTS)")
+    elif s.train.offload_checkpoints:
+        log.info("JOB_TRAIN__OFFLOAD_CHECKPOINTS has no effect here: it applies with gradient checkpointing on a GPU")
     # Read by metrics.json: what this run kept in GPU memory to go faster.
     trainer.job_dequantized_gib = None
     if keep_dequantized:
