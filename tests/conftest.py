@@ -107,6 +107,20 @@ def four_bit_lora_model(tiny_model: Path, device: str = "cpu", dropout: float = 
                                         init_lora_weights=False))
 
 
+def run_sft_in_process(tiny_model: Path, tmp_path: Path, run_id: str, steps: int = 3, **env: str) -> Path:
+    """A short SFT run of the tiny model on the demo data through pipeline.run in this process (so that a test can
+    patch the job's functions); returns the run's output folder."""
+    from job import pipeline
+    from job.settings import load_settings
+
+    base = {"JOB_STAGE": "sft", "JOB_BASE_MODEL": str(tiny_model), "JOB_DATA": str(DEMO_DATA / "sft.jsonl"),
+            "JOB_OUTPUT": str(tmp_path / "out"), "JOB_WORKDIR": str(tmp_path / "w" / run_id),
+            "JOB_TRAIN__MAX_STEPS": str(steps), "JOB_TRAIN__SAVE_STEPS": "0", "JOB_TRAIN__MAX_LENGTH": "128",
+            "JOB_EVAL_PROMPTS": "none", "JOB_RUN_ID": run_id, **env}
+    pipeline.run(load_settings(base))
+    return tmp_path / "out" / run_id
+
+
 def job_env(**extra: str) -> dict:
     """A clean environment for a `python -m job` subprocess: no JOB_ variables from the outside, quiet and fast."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JOB_", "AWS_", "HF_TOKEN"))}

@@ -8,7 +8,7 @@ import json
 import logging
 
 import pytest
-from conftest import DEMO_DATA, four_bit_lora_model
+from conftest import four_bit_lora_model, run_sft_in_process
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -49,23 +49,11 @@ def test_the_kept_copy_gives_bitsandbytes_logits_and_gradients_without_calling_i
     assert not any("_dequantized" in k for k in fast.state_dict())
 
 
-def _run(tiny_model, tmp_path, run_id, **env):
-    from job import pipeline
-    from job.settings import load_settings
-
-    base = {"JOB_STAGE": "sft", "JOB_BASE_MODEL": str(tiny_model), "JOB_DATA": str(DEMO_DATA / "sft.jsonl"),
-            "JOB_OUTPUT": str(tmp_path / "out"), "JOB_WORKDIR": str(tmp_path / "w" / run_id), "JOB_TRAIN__MAX_STEPS": "3",
-            "JOB_TRAIN__SAVE_STEPS": "0", "JOB_TRAIN__MAX_LENGTH": "128", "JOB_EVAL_PROMPTS": "none",
-            "JOB_RUN_ID": run_id, **env}
-    pipeline.run(load_settings(base))
-    return tmp_path / "out" / run_id
-
-
 def test_a_run_with_the_copy_trains_the_same_adapter_and_says_so(tiny_model, tmp_path):
     from safetensors.torch import load_file
 
-    with_copy = _run(tiny_model, tmp_path, "copy", JOB_QUANT__KEEP_DEQUANTIZED="true")
-    without = _run(tiny_model, tmp_path, "plain", JOB_QUANT__KEEP_DEQUANTIZED="false")
+    with_copy = run_sft_in_process(tiny_model, tmp_path, "copy", JOB_QUANT__KEEP_DEQUANTIZED="true")
+    without = run_sft_in_process(tiny_model, tmp_path, "plain", JOB_QUANT__KEEP_DEQUANTIZED="false")
     import torch
 
     a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (with_copy, without))
@@ -141,7 +129,7 @@ def test_out_of_memory_drops_the_copy_first_then_turns_checkpointing_on(tiny_mod
         return real_step(self, *a, **kw)
 
     monkeypatch.setattr(SFTTrainer, "training_step", step)
-    out = _run(tiny_model, tmp_path, "auto")
+    out = run_sft_in_process(tiny_model, tmp_path, "auto")
     assert (out / "_SUCCESS").exists()
     assert seen[:3] == [(True, False), (False, False), (False, True)]
     messages = [r.getMessage() for r in caplog.records]
@@ -151,7 +139,7 @@ def test_out_of_memory_drops_the_copy_first_then_turns_checkpointing_on(tiny_mod
     assert metrics["dequantized_copy_gib"] is None and metrics["gradient_checkpointing"] is True
 
     with pytest.raises(OutOfMemory) as e:
-        _run(tiny_model, tmp_path, "asked", JOB_QUANT__KEEP_DEQUANTIZED="true", JOB_TRAIN__GRADIENT_CHECKPOINTING="true")
+        run_sft_in_process(tiny_model, tmp_path, "asked", JOB_QUANT__KEEP_DEQUANTIZED="true", JOB_TRAIN__GRADIENT_CHECKPOINTING="true")
     assert "JOB_QUANT__KEEP_DEQUANTIZED=false" in str(e.value) and not (tmp_path / "out" / "asked" / "_SUCCESS").exists()
 
 

@@ -47,7 +47,6 @@ def test_bad_data_with_two_processes_is_one_data_error_not_a_crash_of_the_other(
 
 def _workers(launcher_pid: int) -> dict[int, int]:
     """torchrun's worker processes (children of the launcher), by their RANK."""
-    import os
 
     out = {}
     for children in Path(f"/proc/{launcher_pid}/task").glob("*/children"):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import DEMO_DATA, four_bit_lora_model
+from conftest import four_bit_lora_model, run_sft_in_process
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 cuda = pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a GPU")
@@ -67,18 +67,6 @@ def test_offloaded_checkpoints_give_the_same_gradients(tiny_model, lean):
         assert torch.equal(grads[name], g), name
 
 
-def _run(tiny_model, tmp_path, run_id, **env):
-    from job import pipeline
-    from job.settings import load_settings
-
-    base = {"JOB_STAGE": "sft", "JOB_BASE_MODEL": str(tiny_model), "JOB_DATA": str(DEMO_DATA / "sft.jsonl"),
-            "JOB_OUTPUT": str(tmp_path / "out"), "JOB_WORKDIR": str(tmp_path / "w" / run_id), "JOB_TRAIN__MAX_STEPS": "2",
-            "JOB_TRAIN__SAVE_STEPS": "0", "JOB_TRAIN__MAX_LENGTH": "128", "JOB_EVAL_PROMPTS": "none",
-            "JOB_RUN_ID": run_id, **env}
-    pipeline.run(load_settings(base))
-    return tmp_path / "out" / run_id
-
-
 def test_the_setting_is_used_with_checkpointing_on_a_gpu_and_said_to_do_nothing_elsewhere(tiny_model, tmp_path, caplog):
     """metrics.json says whether the offload was in effect: with checkpointing on a GPU; on a CPU the run says the
     setting has no effect there and trains as usual."""
@@ -87,8 +75,8 @@ def test_the_setting_is_used_with_checkpointing_on_a_gpu_and_said_to_do_nothing_
     import torch
 
     caplog.set_level(logging.INFO, logger="job")
-    out = _run(tiny_model, tmp_path, "offload", JOB_TRAIN__OFFLOAD_CHECKPOINTS="true",
-               JOB_TRAIN__GRADIENT_CHECKPOINTING="true")
+    out = run_sft_in_process(tiny_model, tmp_path, "offload", steps=2, JOB_TRAIN__OFFLOAD_CHECKPOINTS="true",
+                             JOB_TRAIN__GRADIENT_CHECKPOINTING="true")
     assert (out / "_SUCCESS").exists()
     metrics = json.loads((out / "metrics.json").read_text())
     on_gpu = torch.cuda.is_available()

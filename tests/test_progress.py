@@ -86,7 +86,6 @@ def test_a_trainjob_gets_progress_and_the_logs_carry_step_total_and_eta(status_s
 def test_the_training_arguments_report_to_kubeflow_only_inside_a_trainjob(monkeypatch, tmp_path, env, setting, expected):
     """The job leaves this to transformers (TrainingArguments adds "kubeflow" when the controller's variable is set);
     this pins that behaviour, through the job's own arguments, for the transformers the job is installed with."""
-    from trl import SFTConfig
 
     from job.settings import load_settings
     from job.stages.common import training_args
