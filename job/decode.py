@@ -117,7 +117,7 @@ def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
 
     # The graph: warm-up steps on a side stream (as torch.cuda.graphs asks), then one step recorded, not run.
     graph = graph and max_new_tokens - 1 >= WARMUP_STEPS + MIN_GRAPH_TOKENS
-    stream = side = _side_stream(device) if graph else None  # `side`: the warm-up is still going on
+    stream = side = side_stream(device) if graph else None  # `side`: the warm-up is still going on
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(device))
     n, replay = 1, None
@@ -141,10 +141,10 @@ def greedy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
 
 
 @functools.cache
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """One stream per GPU for the warm-up steps and the capture, for the whole process: cuBLAS keeps a workspace for
-    each stream it has run on (32 MiB on an H200, measured: tests/test_dequantized.py's memory check), so a new
-    stream for each batch would leave one more behind each time."""
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per GPU for the whole process: the decode loop's warm-up steps and capture, and
+    job/offload.py's copies. cuBLAS keeps a workspace for each stream it has run on (32 MiB on an H200, measured:
+    tests/test_dequantized.py's memory check), so a new stream for each batch would leave one more behind each time."""
     return torch.cuda.Stream(device)
 
 

@@ -30,12 +30,9 @@ Measured on an H200, 13B, against PEFT's forward in the same process (bench/NOTE
 
 from __future__ import annotations
 
-import logging
 import types
 
 import torch
-
-log = logging.getLogger(__name__)
 
 #: The trainer's LoRA layers get the lean forward (job.stages.common.make_trainer); the bench's `_peft_lora` switch
 #: turns it off to measure what it buys.
@@ -81,7 +78,7 @@ def _lean_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if name not in self.lora_A or name in self.lora_variant or self.lora_B[name].bias is not None:
         return peft_forward(self, x, *args, **kwargs)
     base = self.base_layer
-    kept = base._buffers.get("_dequantized") if hasattr(base, "_buffers") else None
+    kept = base._buffers.get("_dequantized")
     compute = kept.dtype if kept is not None else getattr(base, "compute_dtype", None) or base.weight.dtype
     if x.dtype != compute or x.dtype != torch.get_autocast_dtype(x.device.type):
         return peft_forward(self, x, *args, **kwargs)

@@ -19,6 +19,8 @@ import contextlib
 
 import torch
 
+from job.decode import side_stream
+
 #: Smaller saved tensors stay where they are: copying them costs more than they hold.
 MIN_BYTES = 1 << 20
 
@@ -36,7 +38,7 @@ class OffloadSaved(torch.autograd.graph.saved_tensors_hooks):
 
     def __init__(self, min_bytes: int = MIN_BYTES):
         self.min_bytes = min_bytes
-        self.stream = _side_stream(torch.cuda.current_device())
+        self.stream = side_stream(torch.device("cuda", torch.cuda.current_device()))
         self.order: list[_Saved] = []  # in the order saved: the backward takes them from the end
         super().__init__(self._pack, self._unpack)
 
@@ -86,15 +88,6 @@ def _index(order: list, item) -> int | None:
         if order[i] is item:
             return i
     return None
-
-
-_streams: dict[int, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: int) -> torch.cuda.Stream:
-    if device not in _streams:
-        _streams[device] = torch.cuda.Stream(device)
-    return _streams[device]
 
 
 def during_step(enabled: bool):

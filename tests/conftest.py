@@ -89,10 +89,12 @@ def keys(client, bucket: str, prefix: str = "") -> list[str]:
     return sorted(out)
 
 
-def four_bit_lora_model(tiny_model: Path, device: str = "cpu", dropout: float = 0.0, compute_dtype: str = "bfloat16"):
+def four_bit_lora_model(tiny_model: Path, device: str = "cpu", dropout: float = 0.0, compute_dtype: str = "bfloat16",
+                        fp32_adapter: bool = False):
     """The tiny model in NF4 (the job's quantization settings; `compute_dtype` for the base's products and the model's
     other weights) with a LoRA adapter on every linear layer whose B is not zero (init_lora_weights=False), so that the
-    adapter changes the outputs from the first step."""
+    adapter changes the outputs from the first step; `fp32_adapter`: the adapter's weights in fp32, as the job trains
+    them under bf16 autocast (job/stages/common.py)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -103,8 +105,13 @@ def four_bit_lora_model(tiny_model: Path, device: str = "cpu", dropout: float = 
     m = AutoModelForCausalLM.from_pretrained(tiny_model, quantization_config=quantization_config(QuantSettings(compute_dtype=compute_dtype)),
                                              dtype=getattr(torch, compute_dtype), device_map={"": device})  # the CPU on any machine by default
     torch.manual_seed(0)
-    return get_peft_model(m, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear",
-                                        init_lora_weights=False))
+    model = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear",
+                                         init_lora_weights=False))
+    if fp32_adapter:
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    return model
 
 
 def run_sft_in_process(tiny_model: Path, tmp_path: Path, run_id: str, steps: int = 3, **env: str) -> Path:

@@ -15,10 +15,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif("not __import__(
 def _model(tiny_model, device, *, kept=False, dropout=0.1, compute_dtype="bfloat16"):
     from job.model import keep_dequantized
 
-    m = four_bit_lora_model(tiny_model, device, dropout=dropout, compute_dtype=compute_dtype)
-    for p in m.parameters():
-        if p.requires_grad:  # the job trains the adapter in fp32 under bf16 autocast (job/stages/common.py)
-            p.data = p.data.float()
+    m = four_bit_lora_model(tiny_model, device, dropout=dropout, compute_dtype=compute_dtype, fp32_adapter=True)
     if kept:
         assert keep_dequantized(m) > 0
     return m.train()

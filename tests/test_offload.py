@@ -23,10 +23,7 @@ def test_offloaded_checkpoints_give_the_same_gradients(tiny_model, lean):
 
     from job import lora, offload
 
-    model = four_bit_lora_model(tiny_model, "cuda", dropout=0.1)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
+    model = four_bit_lora_model(tiny_model, "cuda", dropout=0.1, fp32_adapter=True)
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lean:
@@ -43,6 +40,7 @@ def test_offloaded_checkpoints_give_the_same_gradients(tiny_model, lean):
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     plain_loss, plain = step(offload.during_step(False))
+
     class Counting(offload.OffloadSaved):
         def __init__(self):
             self.packed, self.unpacked = [], []
