@@ -93,6 +93,9 @@ VARIANTS = {
     "nogc": variant(4, 4, "false"),
     # PEFT's own LoRA forward instead of job/lora.py's lean one (row 15 of bench/NOTES.md), at the default and at low memory.
     "peft_lora": {"_peft_lora": "1"},
+    # DPO on TRL's padded batches instead of job/padfree.py's one row without padding (row 17 of bench/NOTES.md);
+    # for SFT the same setting means unpacked rows.
+    "padded": {"JOB_TRAIN__PACKING": "false"},
     "lowmem4_peft_lora": {**variant(4, 4, "true", JOB_TRAIN__OPTIM="paged_adamw_8bit"), "_peft_lora": "1"},
     # The seed's row length (docker/sft.env: JOB_TRAIN__MAX_LENGTH=512) at the default micro-batch (4 rows: 2,048
     # tokens) and with the step's 16 rows in one micro-batch (8,192 tokens; the same rows and gradient per step):
@@ -347,6 +350,7 @@ def run_job(stage: str, ctx: dict, name: str, overrides: dict, steps: int, adapt
         r["gradient_accumulation_steps"] = trainer.args.gradient_accumulation_steps
         r["attn_implementation"] = trainer.model.config._attn_implementation
         r["dequantized_gib"] = trainer.job_dequantized_gib  # what JOB_QUANT__KEEP_DEQUANTIZED chose (None: no copy)
+        r["padding_free"] = bool(getattr(trainer, "job_padding_free", False))  # job/padfree.py (DPO)
         r["lean_lora_layers"] = sum("forward" in m.__dict__ for m in lora.lora_layers(trainer.model))  # job/lora.py
         return trainer
 

@@ -139,6 +139,8 @@ def final_metrics(stage: str, trainer, train_result, eval_metrics: dict | None, 
         "gradient_checkpointing": bool(trainer.args.activation_checkpointing),
         "offloaded_checkpoints": bool(getattr(trainer, "job_offload", False)),  # JOB_TRAIN__OFFLOAD_CHECKPOINTS in effect
         "dequantized_copy_gib": getattr(trainer, "job_dequantized_gib", None),
+        # DPO: each micro-batch's rows joined into one row without padding (JOB_TRAIN__PACKING; job/padfree.py).
+        **({"padding_free": bool(getattr(trainer, "job_padding_free", False))} if stage == "dpo" else {}),
         # How each step was split (JOB_TRAIN__MERGE_MICRO_BATCHES): examples per micro-batch (SFT: packed rows when
         # packing; DPO: pairs) and micro-batches per step.
         "micro_batch": {"rows": trainer.args.per_device_train_batch_size,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from job import lora, offload
+from job import lora, offload, padfree
 from job.settings import JobSettings
 
 log = logging.getLogger("job")
@@ -142,6 +142,12 @@ def make_trainer(trainer_cls, s: JobSettings, model, args, tokenizer, train_rows
         trainer.job_dequantized_gib = round(keep(trainer.model) / 2**30, 3)
         log.info("4-bit base weights dequantized once: a %.1f GiB copy in %s (JOB_QUANT__KEEP_DEQUANTIZED=%s)",
                  trainer.job_dequantized_gib, s.quant.compute_dtype, s.quant.keep_dequantized)
+    trainer.job_padding_free = bool(s.stage == "dpo" and s.train.packing and padfree.ENABLED)
+    if trainer.job_padding_free:  # DPO's chosen and rejected rows as one row without padding (job/padfree.py)
+        trainer.data_collator = padfree.Collator(trainer.data_collator)
+        for m in (trainer.model, trainer.ref_model):
+            if m is not None:
+                padfree.install(m)
     if lora.LEAN:
         lean = lora.make_lean(trainer.model)
         log.debug("%d LoRA layers on the lean forward (job/lora.py)", lean)
