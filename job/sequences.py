@@ -54,8 +54,13 @@ def stop_ids(tokenizer, model_dir: Path | None) -> set[int]:
     return ids
 
 
-def _ids(tokenizer, messages: list[dict], *, generation_prompt: bool) -> list[int]:
-    return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=False))
+def _ids(tokenizer, conversations: list[list[dict]], *, generation_prompt: bool) -> list[list[int]]:
+    """Each conversation rendered and tokenized as TRL does, in one batched call: the tokenizer encodes the batch at once
+    (in parallel, for a fast tokenizer), where one call per example cost ~3 s for the seed's 1,729 on the H200's host."""
+    if not conversations:
+        return []
+    out = tokenizer.apply_chat_template(conversations, tokenize=True, add_generation_prompt=generation_prompt, return_dict=False)
+    return [list(ids) for ids in out]
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -97,11 +102,13 @@ def fit(records: list[dict], stage: str, tokenizer, *, max_length: int, policy: 
     rows, lengths = [], []
     cut, dropped = [], []
     answer_min, answer_max = None, 0
+    keys = ["completion"] if stage == "sft" else ["chosen", "rejected"]
+    prompts = _ids(tokenizer, [r["prompt"] for r in records], generation_prompt=True)
+    all_fulls = _ids(tokenizer, [r["prompt"] + r[k] for r in records for k in keys], generation_prompt=False)
     for i, r in enumerate(records):
         source = r.get("source") or f"{role} record {i + 1}"
-        prompt = _ids(tokenizer, r["prompt"], generation_prompt=True)
-        answers = [r["completion"]] if stage == "sft" else [r["chosen"], r["rejected"]]
-        fulls = [_ids(tokenizer, r["prompt"] + a, generation_prompt=False) for a in answers]
+        prompt = prompts[i]
+        fulls = all_fulls[i * len(keys) : (i + 1) * len(keys)]
         n_prompt = min(_common_prefix(prompt, f) for f in fulls)
         parts = [_trained_part(tokenizer, f[n_prompt:], stops, source) for f in fulls]
         prompt = fulls[0][:n_prompt]
