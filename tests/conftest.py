@@ -114,6 +114,22 @@ def four_bit_lora_model(tiny_model: Path, device: str = "cpu", dropout: float = 
     return model
 
 
+def at_precision(tiny_model: Path, tmp: Path, stage: str, precision: str, **env: str):
+    """Settings, tokenizer and model of the tiny model for a stage at one of two precisions: "fp32" (no quantization,
+    fp32 compute: comparisons exact up to summation order) or "nf4-bf16" (the job's defaults); loaded with the attention
+    the job chooses for this machine."""
+    from job.model import load_base_model, load_tokenizer
+    from job.settings import load_settings
+
+    base = {"JOB_STAGE": stage, "JOB_BASE_MODEL": str(tiny_model), "JOB_DATA": str(tmp), "JOB_OUTPUT": str(tmp / "out"),
+            "JOB_WORKDIR": str(tmp / "w"), "JOB_TRAIN__SAVE_STEPS": "0", **env}
+    if precision == "fp32":
+        base.update({"JOB_QUANT__LOAD_IN": "none", "JOB_QUANT__COMPUTE_DTYPE": "float32"})
+    s = load_settings(base)
+    tok, _ = load_tokenizer(tiny_model, None, "auto")
+    return s, tok, load_base_model(tiny_model, s)
+
+
 def run_sft_in_process(tiny_model: Path, tmp_path: Path, run_id: str, steps: int = 3, **env: str) -> Path:
     """A short SFT run of the tiny model on the demo data through pipeline.run in this process (so that a test can
     patch the job's functions); returns the run's output folder."""

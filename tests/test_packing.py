@@ -18,11 +18,10 @@ import pytest
 import torch
 
 from job import attention, data
-from job.model import load_base_model, load_tokenizer
-from job.settings import ColumnSettings, load_settings
+from job.settings import ColumnSettings
 from job.stages import sft
 
-from conftest import tokenized, DEMO_DATA
+from conftest import DEMO_DATA, at_precision, tokenized
 
 CUDA = torch.cuda.is_available()
 #: Per precision: the largest per-token difference in log-probability, and the largest mean absolute difference over
@@ -42,15 +41,9 @@ def _records():
 def packed(request, tiny_model, tmp_path_factory):
     precision = request.param
     tmp = tmp_path_factory.mktemp("packing")
-    env = {"JOB_STAGE": "sft", "JOB_BASE_MODEL": str(tiny_model), "JOB_DATA": str(tmp), "JOB_OUTPUT": str(tmp / "out"),
-           "JOB_WORKDIR": str(tmp / "w"), "JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "4", "JOB_TRAIN__MAX_LENGTH": "160",
-           "JOB_TRAIN__SAVE_STEPS": "0"}
-    if precision == "fp32":
-        env.update({"JOB_QUANT__LOAD_IN": "none", "JOB_QUANT__COMPUTE_DTYPE": "float32"})
-    s = load_settings(env)
+    s, tok, model = at_precision(tiny_model, tmp, "sft", precision, JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE="4",
+                                 JOB_TRAIN__MAX_LENGTH="160")
     assert s.train.packing, "packing is the default"
-    tok, _ = load_tokenizer(tiny_model, None, "auto")
-    model = load_base_model(tiny_model, s)
     # The attention the job uses; on a CUDA GPU of this project that is the variable-length kernel, never a fallback.
     assert model.config._attn_implementation == attention.NAME
     assert not CUDA or attention.kernel_available("cuda")

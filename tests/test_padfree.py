@@ -16,11 +16,9 @@ import pytest
 import torch
 
 from job import attention, padfree
-from job.model import load_base_model, load_tokenizer
-from job.settings import load_settings
 from job.stages import dpo
 
-from conftest import DEMO_DATA, tokenized
+from conftest import DEMO_DATA, at_precision, tokenized
 
 CUDA = torch.cuda.is_available()
 #: Per precision: the largest difference of a row's summed log-probability per answer token, of the DPO loss (relative),
@@ -46,15 +44,9 @@ def _pairs():
 def built(request, tiny_model, tmp_path_factory):
     precision = request.param
     tmp = tmp_path_factory.mktemp("padfree")
-    env = {"JOB_STAGE": "dpo", "JOB_BASE_MODEL": str(tiny_model), "JOB_DATA": str(tmp), "JOB_OUTPUT": str(tmp / "out"),
-           "JOB_WORKDIR": str(tmp / "w"), "JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "4", "JOB_TRAIN__MAX_LENGTH": "192",
-           "JOB_TRAIN__SAVE_STEPS": "0", "JOB_LORA__DROPOUT": "0"}
-    if precision == "fp32":
-        env.update({"JOB_QUANT__LOAD_IN": "none", "JOB_QUANT__COMPUTE_DTYPE": "float32"})
-    s = load_settings(env)
+    s, tok, model = at_precision(tiny_model, tmp, "dpo", precision, JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE="4",
+                                 JOB_TRAIN__MAX_LENGTH="192", JOB_LORA__DROPOUT="0")
     assert s.train.packing, "packing (padding-free DPO) is the default"
-    tok, _ = load_tokenizer(tiny_model, None, "auto")
-    model = load_base_model(tiny_model, s)
     assert model.config._attn_implementation == attention.NAME
     trainer = dpo.build_trainer(s, model, tok, tokenized(tok, "dpo", _pairs(), 192), None, tmp / "ck", [], progress_bar=False)
     assert trainer.job_padding_free
