@@ -10,17 +10,19 @@ variable-length flash attention over a 4,082-token row of 8 examples, 40 heads x
 against 4.8 ms for SDPA with the block mask, equal within bf16 rounding.
 
 The collator already computed each example's boundaries on the CPU (`cu_seq_lens_q`, `max_length_q`, passed down to
-every attention call with the batch; for DPO, job/padfree.py does the same with a micro-batch's rows), so the kernel needs no mask and nothing derived on the GPU (transformers still
-builds sdpa's mask once per forward, for the paths below that use it):
+every attention call with the batch; for DPO, job/padfree.py does the same with a micro-batch's rows), so the kernel
+needs no mask and nothing derived on the GPU (transformers still builds sdpa's mask once per forward, for the paths
+below that use it):
 
 * packed rows (`cu_seq_lens_q` given, one row, no KV cache) on CUDA in bf16/fp16 with flash attention available:
   `torch.nn.attention.varlen.varlen_attn`, causal within each example;
 * packed rows anywhere else (CPU, fp32): the same boundaries, one causal SDPA per example (exact, slower);
 * everything else (unpacked or padded batches, DPO with JOB_TRAIN__PACKING=false, generation with a KV cache,
-  dropout, sliding windows, soft-capping, bidirectional use): transformers' own `sdpa`, with the mask transformers builds for it (the mask function registered
-  for this name is `sdpa`'s), so the results there are `sdpa`'s. On CUDA that path leaves out cuDNN's SDPA backend,
-  whose plan for each new shape stalls the GPU when micro-batches keep changing length (padded DPO batches); whether
-  that pays is measured by the benchmark's `cudnn` variant (bench/NOTES.md).
+  dropout, sliding windows, soft-capping, bidirectional use): transformers' own `sdpa`, with the mask transformers
+  builds for it (the mask function registered for this name is `sdpa`'s), so the results there are `sdpa`'s. On CUDA
+  that path leaves out cuDNN's SDPA backend, whose plan for each new shape stalls the GPU when micro-batches keep
+  changing length (padded DPO batches); whether that pays is measured by the benchmark's `cudnn` variant
+  (bench/NOTES.md).
 
     >>> from job import attention
     >>> model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention.choose("cuda:0"))

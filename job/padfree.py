@@ -6,7 +6,7 @@ third or more of every DPO forward and backward was spent on padding. With JOB_T
 instead joins a micro-batch's rows into one row without padding, whose positions restart at each row; the attention
 (job/attention.py) keeps each row to itself through the row boundaries, as for packed SFT rows.
 
-Two pieces, installed together by `install` (job/stages/common.py, DPO with packing on):
+Two pieces, which job/stages/common.py installs together for DPO with packing on:
 
 * `Collator` wraps TRL's preference collator: the padded batch as TRL builds it, plus `job_padfree`, the flat layout
   computed on the CPU (which padded positions hold real tokens, the restarting positions, the row boundaries and the
@@ -27,10 +27,8 @@ import functools
 
 import torch
 
+#: The batch key of the flat layout; TRL passes every key it does not know on to the model's forward.
 KEY = "job_padfree"
-
-#: False gives TRL's padded batches back (the benchmark's A/B; a user turns it off with JOB_TRAIN__PACKING=false).
-ENABLED = True
 
 
 def flat_layout(attention_mask: torch.Tensor) -> dict:
@@ -57,8 +55,7 @@ class Collator:
 
     def __call__(self, examples):
         batch = self.collator(examples)
-        if ENABLED:
-            batch[KEY] = flat_layout(batch["attention_mask"])
+        batch[KEY] = flat_layout(batch["attention_mask"])
         return batch
 
 

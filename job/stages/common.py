@@ -142,8 +142,9 @@ def make_trainer(trainer_cls, s: JobSettings, model, args, tokenizer, train_rows
         trainer.job_dequantized_gib = round(keep(trainer.model) / 2**30, 3)
         log.info("4-bit base weights dequantized once: a %.1f GiB copy in %s (JOB_QUANT__KEEP_DEQUANTIZED=%s)",
                  trainer.job_dequantized_gib, s.quant.compute_dtype, s.quant.keep_dequantized)
-    trainer.job_padding_free = bool(s.stage == "dpo" and s.train.packing and padfree.ENABLED)
-    if trainer.job_padding_free:  # DPO's chosen and rejected rows as one row without padding (job/padfree.py)
+    # DPO's chosen and rejected rows as one row without padding (job/padfree.py); JOB_TRAIN__PACKING=false: TRL's padding.
+    trainer.job_padding_free = s.stage == "dpo" and s.train.packing
+    if trainer.job_padding_free:
         trainer.data_collator = padfree.Collator(trainer.data_collator)
         for m in (trainer.model, trainer.ref_model):
             if m is not None:
