@@ -85,6 +85,7 @@ def test_sft_then_dpo_on_s3_and_the_adapter_changes_the_model(bucket, tiny_model
     out = download(s3, "runs/dpo-1/", tmp_path / "dpo")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["reward_accuracy"] is not None and metrics["reward_margin"] is not None
+    assert metrics["padding_free"] is True  # the default (JOB_TRAIN__PACKING): job/padfree.py, training and eval
     # Run averages, not the last logging window: they agree with the trainer's own mean loss and with the per-step rows.
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics["train_loss"] == pytest.approx(next(r["train_loss"] for r in rows if "train_loss" in r), rel=1e-6)
