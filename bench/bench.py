@@ -96,6 +96,9 @@ VARIANTS = {
     # DPO on TRL's padded batches instead of job/padfree.py's one row without padding (row 17 of bench/NOTES.md);
     # for SFT the same setting means unpacked rows.
     "padded": {"JOB_TRAIN__PACKING": "false"},
+    # 8 pairs per micro-batch, 2 per step (the same pairs and gradient per step as the default 4 x 4), checkpointing off
+    # and the copy kept: `auto` would turn both off, since it sizes a DPO micro-batch as if every row were MAX_LENGTH.
+    "dpo8": variant(8, 2, "false", JOB_QUANT__KEEP_DEQUANTIZED="true"),
     "lowmem4_peft_lora": {**variant(4, 4, "true", JOB_TRAIN__OPTIM="paged_adamw_8bit"), "_peft_lora": "1"},
     # The seed's row length (docker/sft.env: JOB_TRAIN__MAX_LENGTH=512) at the default micro-batch (4 rows: 2,048
     # tokens) and with the step's 16 rows in one micro-batch (8,192 tokens; the same rows and gradient per step):
