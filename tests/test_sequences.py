@@ -151,17 +151,16 @@ def test_a_run_with_nothing_trainable_fails_with_exit_3(tiny_model, tmp_path, pa
 def test_batched_tokenization_equals_one_call_per_example(tok, chatml_model, template):
     """fit() tokenizes all examples in one batched call; each sequence must be what one call per example gives (TRL's
     own tokenization), for both prompt formats, SFT and DPO."""
-    import csv
-
     from conftest import DEMO_DATA
     from job import sequences
+    from job.data import load_records
+    from job.settings import ColumnSettings
 
     t = tok if template == "instruction" else load_tokenizer(chatml_model, None, "auto", eos_token="<|im_end|>")[0]
-    qa = [json.loads(line) for line in (DEMO_DATA / "sft.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
-    with open(DEMO_DATA / "dpo.csv", encoding="utf-8") as f:
-        pairs = [r for r in csv.reader(f) if r and r[0] != "prompt"]
-    conversations = [user(r["text"]) + assistant(r["output"]) for r in qa] + [user(p) + assistant(c) for p, c, _ in pairs]
-    conversations += [user(p) for p, _, _ in pairs]
+    qa = load_records(DEMO_DATA / "sft.jsonl", "sft.jsonl", "sft", ColumnSettings())
+    pairs = load_records(DEMO_DATA / "dpo.csv", "dpo.csv", "dpo", ColumnSettings())
+    conversations = [r["prompt"] + r["completion"] for r in qa] + [r["prompt"] + r["chosen"] for r in pairs]
+    conversations += [r["prompt"] for r in pairs]
     for generation_prompt in (True, False):
         convs = [c for c in conversations if (c[-1]["role"] == "user") == generation_prompt]
         one_by_one = [list(t.apply_chat_template(c, tokenize=True, add_generation_prompt=generation_prompt, return_dict=False))
