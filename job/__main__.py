@@ -79,9 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         pipeline.run(settings, stop=stop, progress_bar=progress_bar)
         return ExitCode.OK
     except JobError as exc:
+        _settle()
         log.error("%s", exc, extra={"fields": {"event": "error", "exit_code": int(exc.exit_code), "error": type(exc).__name__}})
         return exc.exit_code
     except Exception as exc:
+        _settle()
         import torch
 
         if isinstance(exc, torch.OutOfMemoryError):
@@ -93,9 +95,20 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.INTERNAL
 
 
+def _settle() -> None:
+    """The run's outcome is decided (its error is about to be reported, or it is exiting): a SIGTERM or Ctrl-C from
+    now on changes nothing, so it is ignored instead of raising `Preempted` into the report or the exit. torchrun
+    sends SIGTERM to the other processes as soon as one fails; one that is already reporting its own error, or
+    exiting, would otherwise print a traceback. What is left takes well under a second."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def cli() -> None:
     """`qlora-job` and `python -m job`: main(), then the exit without the interpreter's teardown."""
-    _exit(main())
+    code = main()
+    _settle()
+    _exit(code)
 
 
 def _exit(code: int) -> None:

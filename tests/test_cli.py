@@ -1,5 +1,7 @@
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from job.exitcodes import PERMANENT, RETRYABLE, ExitCode
@@ -43,3 +45,25 @@ def test_check_fails_on_bad_data_with_exit_3(tmp_path):
 
 def test_unknown_command_is_a_usage_error():
     assert run_job(job_env(), "train").returncode == ExitCode.CONFIG
+
+
+def test_a_sigterm_while_an_error_is_reported_or_the_process_exits_changes_nothing(tmp_path):
+    """torchrun sends SIGTERM to every other process as soon as one fails; one that is already reporting its own
+    error, or exiting, keeps its exit code and prints no traceback. Here the signal arrives twice: while the error
+    is logged and while the process exits (a temporary directory's cleanup)."""
+    script = (
+        "import atexit, logging, os, signal\n"
+        "import job.__main__ as m\n"
+        "class Kill(logging.Filter):\n"
+        "    def filter(self, record):\n"
+        "        if record.levelno >= logging.ERROR: os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        return True\n"
+        "logging.getLogger('job').addFilter(Kill())\n"
+        "atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))\n"
+        "m.cli()\n"
+    )
+    env = job_env(JOB_STAGE="sft", JOB_BASE_MODEL=str(tmp_path), JOB_DATA=str(tmp_path / "missing.jsonl"),
+                  JOB_OUTPUT=str(tmp_path / "out"), JOB_TRAIN__LEARNING_RATE="fast")
+    r = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == ExitCode.CONFIG, r.stderr[-2000:]
+    assert "JOB_TRAIN__LEARNING_RATE" in r.stderr and "Traceback" not in r.stderr and "Preempted" not in r.stderr, r.stderr[-2000:]
