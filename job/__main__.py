@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(pipeline.check(settings), ensure_ascii=False, indent=2))
             return ExitCode.OK
         pipeline.run(settings, stop=stop, progress_bar=progress_bar)
+        _settle()  # this process is done: a signal now would only turn its exit 0 into a traceback
         return ExitCode.OK
     except JobError as exc:
         _settle()
