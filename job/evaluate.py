@@ -429,8 +429,8 @@ def plot_loss(history: list[dict], stage: str, path: Path, title: str = "") -> N
 
 def _copy_tensorboard(trainer, dest: Path) -> None:
     """Copy transformers' TensorBoard event files next to metrics.json (they are written under the checkpoint directory,
-    which is not uploaded). Its writer is closed first: tensorboardX's flush() doesn't wait for the events still queued
-    for its writer thread, and the final evaluate()'s are written by a writer opened after training ended."""
+    which is not uploaded). Its writer (one for the whole run: `outputs.OneWriterTensorBoard`) is closed first:
+    tensorboardX's flush() doesn't wait for the events still queued for its writer thread."""
     from transformers.integrations import TensorBoardCallback
 
     for cb in trainer.callback_handler.callbacks:

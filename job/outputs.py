@@ -21,6 +21,7 @@ from importlib import metadata
 from pathlib import Path, PurePosixPath
 
 from transformers import TrainerCallback
+from transformers.integrations import TensorBoardCallback
 
 from job import progress, storage
 from job.logs import redact
@@ -52,6 +53,31 @@ def _clean(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+class OneWriterTensorBoard(TensorBoardCallback):
+    """transformers' TensorBoard callback, whose writer stays open when training ends: the final evaluate() after
+    training logs to it too, and `evaluate._copy_tensorboard` closes it before the files are copied.
+
+    transformers closes the writer at the end of training, and the final evaluate() opened a second one in the same
+    directory. tensorboardX names an event file by the second it is opened in (`events.out.tfevents.<seconds>.<host>`)
+    and opens it with "wb", so a second writer opened within the same second as the first truncated the first's file:
+    training's scalars were lost (a short run in CI: tests/test_evaluate.py)."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.tb_writer is not None:
+            self.tb_writer.flush()
+
+
+def keep_one_tensorboard_writer(trainer) -> None:
+    """Replace transformers' TensorBoard callback, if the trainer has one (JOB_TRAIN__REPORT_TO=tensorboard), by
+    `OneWriterTensorBoard`, in the same place among the callbacks."""
+    callbacks = trainer.callback_handler.callbacks
+    for i, cb in enumerate(callbacks):
+        if type(cb) is TensorBoardCallback:
+            kept = OneWriterTensorBoard(tb_writer=cb.tb_writer)
+            kept.logging_dir = cb.logging_dir
+            callbacks[i] = kept
 
 
 class MetricsCallback(TrainerCallback):

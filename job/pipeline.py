@@ -192,6 +192,7 @@ def _train_once(s, plan, base_dir, stop, progress_bar, *, forced, used):
         from transformers import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # our MetricsCallback prints the same as one JSON line
+    outputs.keep_one_tensorboard_writer(trainer)
     # The starting model's answers (base, or base + JOB_ADAPTER): before train(), which loads any resume checkpoint.
     before = evaluate.generate_before(trainer, plan.tokenizer, plan.prompts, s)
     stop.training = True

@@ -200,6 +200,34 @@ def test_summary_without_generations_names_steps_losses_and_outputs(tmp_path):
     assert "outputs: adapter/, metrics.json, _SUCCESS" in text and "prompt:" not in text
 
 
+def test_the_final_evaluation_does_not_truncate_the_training_event_file(tmp_path, monkeypatch):
+    """A run whose training and final evaluate() fall within one second (tensorboardX names event files by the second):
+    the training's scalars are still in the copied event files. Fails without keep_one_tensorboard_writer: the final
+    evaluate()'s writer reopens the same file name and truncates it."""
+    import time
+    from types import SimpleNamespace
+
+    from transformers.integrations import TensorBoardCallback
+
+    from job import evaluate, outputs
+
+    monkeypatch.setattr(time, "time", lambda: 1796366555.25)  # every writer opens in the same second
+    trainer = SimpleNamespace(callback_handler=SimpleNamespace(callbacks=[TensorBoardCallback()]))
+    outputs.keep_one_tensorboard_writer(trainer)
+    [cb] = trainer.callback_handler.callbacks
+    args = SimpleNamespace(output_dir=str(tmp_path / "checkpoints"), to_json_string=lambda: "{}")
+    state = SimpleNamespace(is_world_process_zero=True, is_hyper_param_search=False, global_step=1)
+    cb.on_train_begin(args, state, None)  # what the Trainer calls, in its order
+    cb.on_log(args, state, None, logs={"loss": 1.5})
+    state.global_step = 2
+    cb.on_log(args, state, None, logs={"eval_loss": 1.25})
+    cb.on_train_end(args, state, None)
+    cb.on_log(args, state, None, logs={"eval_loss": 1.0})  # the final evaluate(), after training
+    evaluate._copy_tensorboard(trainer, tmp_path / "tensorboard")
+    tb = _tb_scalars(tmp_path / "tensorboard")
+    assert tb.get("train/loss") == [(1, 1.5)] and tb.get("eval/loss") == [(2, 1.25), (2, 1.0)], tb
+
+
 def _tb_scalars(directory) -> dict[str, list[tuple[int, float]]]:
     """Scalars in TensorBoard event files (TFRecord framing: length, its CRC, the Event proto, its CRC)."""
     from tensorboardX.proto import event_pb2
