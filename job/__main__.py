@@ -77,7 +77,6 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(pipeline.check(settings), ensure_ascii=False, indent=2))
             return ExitCode.OK
         pipeline.run(settings, stop=stop, progress_bar=progress_bar)
-        _settle()  # this process is done: a signal now would only turn its exit 0 into a traceback
         return ExitCode.OK
     except JobError as exc:
         _settle()
@@ -94,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("internal error (a bug; please report it): %s", type(exc).__name__,
                       extra={"fields": {"event": "error", "exit_code": int(ExitCode.INTERNAL)}})
         return ExitCode.INTERNAL
+    finally:
+        _settle()  # every way out of main(): from here to the exit a signal would only turn the decided code into a traceback
 
 
 def _settle() -> None:
@@ -108,9 +109,7 @@ def _settle() -> None:
 
 def cli() -> None:
     """`qlora-job` and `python -m job`: main(), then the exit without the interpreter's teardown."""
-    code = main()
-    _settle()
-    _exit(code)
+    _exit(main())
 
 
 def _exit(code: int) -> None:

@@ -50,7 +50,8 @@ def test_unknown_command_is_a_usage_error():
 def test_a_sigterm_while_an_error_is_reported_or_the_process_exits_changes_nothing(tmp_path):
     """torchrun sends SIGTERM to every other process as soon as one fails; one that is already reporting its own
     error, or exiting, keeps its exit code and prints no traceback. Here the signal arrives twice: while the error
-    is logged and while the process exits (a temporary directory's cleanup)."""
+    is logged and while the process exits (a temporary directory's cleanup); then once more while a process that
+    succeeded exits."""
     script = (
         "import atexit, logging, os, signal\n"
         "import job.__main__ as m\n"
@@ -67,3 +68,8 @@ def test_a_sigterm_while_an_error_is_reported_or_the_process_exits_changes_nothi
     r = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == ExitCode.CONFIG, r.stderr[-2000:]
     assert "JOB_TRAIN__LEARNING_RATE" in r.stderr and "Traceback" not in r.stderr and "Preempted" not in r.stderr, r.stderr[-2000:]
+    # A process that succeeded (here --print-config), signalled while it exits: still exit 0, no traceback.
+    del env["JOB_TRAIN__LEARNING_RATE"]
+    r = subprocess.run([sys.executable, "-c", script, "--print-config"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == ExitCode.OK and "Traceback" not in r.stderr and "Preempted" not in r.stderr, r.stderr[-2000:]
+    assert json.loads(r.stdout)["stage"] == "sft"
