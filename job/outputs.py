@@ -74,10 +74,8 @@ def keep_one_tensorboard_writer(trainer) -> None:
     `OneWriterTensorBoard`, in the same place among the callbacks."""
     callbacks = trainer.callback_handler.callbacks
     for i, cb in enumerate(callbacks):
-        if type(cb) is TensorBoardCallback:
-            kept = OneWriterTensorBoard(tb_writer=cb.tb_writer)
-            kept.logging_dir = cb.logging_dir
-            callbacks[i] = kept
+        if type(cb) is TensorBoardCallback:  # not yet used: its state is what the constructor sets
+            callbacks[i] = OneWriterTensorBoard(tb_writer=cb.tb_writer)
 
 
 class MetricsCallback(TrainerCallback):
