@@ -132,7 +132,42 @@ def load_base_model(model_dir: Path, settings: JobSettings):
             device_map={"": device},
         )
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with gradient checkpointing
+    keep_4bit_layout(model)
     return model
+
+
+def keep_4bit_layout(model) -> int:
+    """Stop bitsandbytes from repacking the model's 4-bit weights for its CPU inference kernel; returns the layers
+    changed.
+
+    Why: on CPUs with AVX512-BF16 (most current cloud Xeons), bitsandbytes 0.50's `Linear4bit.forward` repacks a
+    layer's weight in place the first time it runs in eval mode without grad (the "before" answers, `evaluate()`), and
+    from then on computes through `gemv_4bit`, which has no autograd: the gradient through the frozen base is dropped
+    with only a warning, so every later training step is wrong (adapters 88% off per layer, resumed runs that differ
+    from uninterrupted ones, ranks whose parameter shapes disagree). The flag is per layer and read on every forward,
+    so turning it off once after loading keeps every forward on the ordinary, differentiable 4-bit path. Nothing else
+    in bitsandbytes repacks (moving or saving a packed weight unpacks it); `unpack_4bit` undoes one that was."""
+    layers = four_bit_layers(model)
+    changed = 0
+    for layer in layers:
+        if getattr(layer, "support_avx512bf16_for_cpu", False):
+            layer.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed + unpack_4bit(model)
+
+
+def unpack_4bit(model) -> int:
+    """Put back into bitsandbytes' ordinary layout any 4-bit weight that was repacked for the CPU inference kernel
+    (a model loaded elsewhere and run in eval mode before keep_4bit_layout); returns the layers unpacked."""
+    unpacked = 0
+    for layer in four_bit_layers(model):
+        state = layer.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
+            unpacked += 1
+    return unpacked
 
 
 def lora_config(lora: LoraSettings):

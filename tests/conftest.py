@@ -99,11 +99,12 @@ def four_bit_lora_model(tiny_model: Path, device: str = "cpu", dropout: float = 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from job.model import quantization_config
+    from job.model import keep_4bit_layout, quantization_config
     from job.settings import QuantSettings
 
     m = AutoModelForCausalLM.from_pretrained(tiny_model, quantization_config=quantization_config(QuantSettings(compute_dtype=compute_dtype)),
                                              dtype=getattr(torch, compute_dtype), device_map={"": device})  # the CPU on any machine by default
+    keep_4bit_layout(m)  # as job.model.load_base_model does: no CPU repacking that drops gradients (AVX512-BF16 hosts)
     torch.manual_seed(0)
     model = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear",
                                          init_lora_weights=False))
@@ -156,6 +157,81 @@ def job_env(**extra: str) -> dict:
 
 def run_job(env: dict, *args: str, timeout: int = 600, **popen) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "job", *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT, **popen)
+
+
+def _tree(proc: subprocess.Popen) -> list:
+    """proc and all its descendants (torchrun starts each worker in a session of its own, so a process group does
+    not reach them)."""
+    import psutil
+
+    try:
+        root = psutil.Process(proc.pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _abort_tree(proc: subprocess.Popen) -> None:
+    """SIGABRT to proc and every descendant: with PYTHONFAULTHANDLER each Python process prints its threads' stacks
+    to stderr as it dies, so a hang is reported with where each process was; then SIGKILL to what is left."""
+    import signal
+
+    import psutil
+
+    tree = _tree(proc)
+    for p in reversed(tree):  # workers first: their stacks are what matters
+        try:
+            p.send_signal(signal.SIGABRT)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=20)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+class Watchdog:
+    """A hard deadline for a process and its descendants, started with PYTHONFAULTHANDLER=1 in their environment:
+    past `seconds` every one of them gets SIGABRT (stacks printed), then SIGKILL, so a deadlock fails the test with
+    the stacks instead of hanging CI; `fired` says it happened. Leaving the block kills whatever is left."""
+
+    def __init__(self, proc: subprocess.Popen, seconds: float):
+        import threading
+
+        self.proc, self.fired = proc, False
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def _fire(self) -> None:
+        self.fired = True
+        _abort_tree(self.proc)
+
+    def __enter__(self):
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._timer.cancel()
+        for p in _tree(self.proc):
+            try:
+                p.kill()
+            except Exception:  # gone meanwhile
+                pass
+        self.proc.wait()
+
+
+def run_processes(cmd: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
+    """Run a multi-process command (torchrun, docker/launch.py) in its own session with a hard deadline: a hang
+    fails the test with every process's stacks (Watchdog), and no worker outlives the test."""
+    proc = subprocess.Popen(cmd, env={**env, "PYTHONFAULTHANDLER": "1"}, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    with Watchdog(proc, timeout) as dog:
+        out, err = proc.communicate()
+    if dog.fired:
+        pytest.fail(f"{cmd[0]} ... did not finish within {timeout} s; every process was aborted, stacks:\n{err[-20000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def json_lines(stderr: str) -> list[dict]:

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from conftest import AWS_ENV, DEMO_DATA, FAKE_SECRET, ROOT, keys, upload_dir
+from conftest import AWS_ENV, DEMO_DATA, FAKE_SECRET, ROOT, Watchdog, keys, run_processes, upload_dir
 from job.exitcodes import ExitCode
 
 IMAGE = "localhost/qlora-job:test"
@@ -158,18 +158,22 @@ def test_multi_process_launcher_returns_the_jobs_exit_code(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     launch = [sys.executable, str(ROOT / "docker" / "launch.py"), "--standalone", "--nproc-per-node=2", str(worker)]
-    r = subprocess.run([*launch, "fail", str(int(ExitCode.CONFIG))], capture_output=True, text=True, timeout=120)
+    r = run_processes([*launch, "fail", str(int(ExitCode.CONFIG))], dict(os.environ), timeout=120)
     assert r.returncode == ExitCode.CONFIG, r.stderr[-2000:]
 
-    proc = subprocess.Popen([*launch, "wait"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if sum("ready" in x for x in seen) == 2:
-            proc.send_signal(signal.SIGTERM)
-            break
-    out = proc.stdout.read()
-    assert proc.wait(timeout=120) == ExitCode.PREEMPTED, out[-2000:]
+    proc = subprocess.Popen([*launch, "wait"], env={**os.environ, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    with Watchdog(proc, 240) as dog:  # a hard deadline: reading lines alone would wait forever on a hang
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if sum("ready" in x for x in seen) == 2:
+                proc.send_signal(signal.SIGTERM)
+                break
+        out = proc.stdout.read()
+        proc.wait()
+    assert not dog.fired, "the launcher hung; stacks:\n" + "".join(seen)[-5000:] + out[-10000:]
+    assert proc.returncode == ExitCode.PREEMPTED, out[-2000:]
     assert "rank 0 saving" in out and "rank 1 saving" in out  # torchrun passed SIGTERM on to every process
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEMO_DATA, ROOT, job_env
+from conftest import DEMO_DATA, ROOT, Watchdog, job_env, run_processes
 
 
 def test_two_processes_train_one_run_and_upload_once(tiny_model, tmp_path):
@@ -18,8 +18,7 @@ def test_two_processes_train_one_run_and_upload_once(tiny_model, tmp_path):
                   JOB_WORKDIR=str(tmp_path / "w"), JOB_TRAIN__MAX_STEPS="3", JOB_TRAIN__LOGGING_STEPS="1", JOB_TRAIN__SAVE_STEPS="2",
                   JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE="1", JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS="1", JOB_TRAIN__MAX_LENGTH="128",
                   OMP_NUM_THREADS="1")
-    r = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "job"], env=env, cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+    r = run_processes([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "job"], env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     runs = list((tmp_path / "out").iterdir())
     assert len(runs) == 1  # the generated run id is rank 0's on both processes
@@ -40,7 +39,7 @@ def test_bad_data_with_two_processes_is_one_data_error_not_a_crash_of_the_other(
     launch = [sys.executable, str(ROOT / "docker" / "launch.py"), "--standalone", "--nproc-per-node", "2", "-m", "job"]
     env = job_env(JOB_STAGE="sft", JOB_BASE_MODEL=str(tiny_model), JOB_DATA=str(tmp_path / "bad.jsonl"),
                   JOB_OUTPUT=str(tmp_path / "out"), JOB_WORKDIR=str(tmp_path / "w"), OMP_NUM_THREADS="1")
-    r = subprocess.run(launch, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = run_processes(launch, env, timeout=300)
     assert r.returncode == 3, r.stderr[-3000:]
     assert "bad.jsonl: row 2" in r.stderr and "internal error" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
 
@@ -62,7 +61,6 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_the_run_resum
     must save the same step and exit 143 (a rank stopping alone left the others waiting in a collective for good)."""
     import os
     import signal
-    import time
 
     from job.exitcodes import ExitCode
 
@@ -71,24 +69,23 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_the_run_resum
                   JOB_WORKDIR=str(tmp_path / "w"), JOB_RUN_ID="multi", JOB_TRAIN__MAX_STEPS="30", JOB_TRAIN__SAVE_STEPS="0",
                   JOB_TRAIN__LOGGING_STEPS="1", JOB_LOG_FORMAT="json", JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE="1",
                   JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS="1", JOB_TRAIN__MAX_LENGTH="128", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(launch, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        deadline = time.time() + 300
+    proc = subprocess.Popen(launch, env={**env, "PYTHONFAULTHANDLER": "1"}, cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    # One hard deadline for the whole attempt (a hang while waiting for a line would otherwise never time out).
+    with Watchdog(proc, 480) as dog:
+        seen = []
         for line in proc.stderr:  # rank 0 logs each step: wait until training is under way
+            seen.append(line)
             if '"event": "metrics"' in line and '"step": 3,' in line:
                 break
-            assert time.time() < deadline, "training did not start"
+        if dog.fired or proc.poll() is not None:
+            pytest.fail("training did not start (hung or exited); stacks and log:\n" + "".join(seen)[-20000:])
         workers = _workers(proc.pid)
         assert sorted(workers) == [0, 1]
         os.kill(workers[1], signal.SIGTERM)
-        try:
-            _, rest = proc.communicate(timeout=180)
-        except subprocess.TimeoutExpired:
-            pytest.fail("the processes did not stop within 180 s of SIGTERM to rank 1 (deadlock)")
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _, rest = proc.communicate()
+    if dog.fired:
+        pytest.fail("the processes did not stop after SIGTERM to rank 1 (deadlock); stacks:\n" + rest[-20000:])
     assert proc.returncode == ExitCode.PREEMPTED, rest[-3000:]
     assert "SIGTERM (on another process): saving a checkpoint after this step" in rest  # rank 0 heard of it
     run = tmp_path / "out" / "multi"
@@ -101,7 +98,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_the_run_resum
 
     # The retried pod group: same run id and config, fresh disks; it continues from that checkpoint and finishes.
     env.update(JOB_WORKDIR=str(tmp_path / "w2"))
-    r = subprocess.run(launch, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = run_processes(launch, env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     meta = json.loads((run / "run.json").read_text())
     assert meta["resumed_from"] == f"checkpoint-{step}" and meta["world_size"] == 2
@@ -142,10 +139,24 @@ def test_stop_agreement_over_nccl_on_two_gpus(tmp_path):
     script = tmp_path / "agree.py"
     script.write_text(AGREE)
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    r = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", str(script)], env=job_env(PYTHONPATH=str(ROOT)),
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = run_processes([torchrun, "--standalone", "--nproc-per-node", "2", str(script)], job_env(PYTHONPATH=str(ROOT)), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {d["rank"]: d for d in map(json.loads, (l for l in r.stdout.splitlines() if l.startswith("{")))}
     print(rows)
     assert rows[0]["stop"] == "SIGTERM (on another process)" and rows[1]["stop"] == "SIGTERM"
     assert rows[0]["us_per_step"] < 1000  # one small all-reduce and a sync per optimizer step
+
+
+def test_a_hung_process_group_fails_with_every_workers_stack_instead_of_hanging(tmp_path):
+    """The harness the tests above run under: two workers that never finish are aborted at the deadline, the test
+    fails (not hangs) and the message shows where each worker was; no process is left behind."""
+    script = tmp_path / "hang.py"
+    script.write_text("import os, time\nprint('ready', os.environ['RANK'], flush=True)\ntime.sleep(600)\n")
+    launch = [sys.executable, str(ROOT / "docker" / "launch.py"), "--standalone", "--nproc-per-node", "2", str(script)]
+    with pytest.raises(pytest.fail.Exception) as e:
+        run_processes(launch, job_env(), timeout=20)
+    message = str(e.value)
+    assert "did not finish within 20 s" in message
+    assert message.count("hang.py\", line 3") >= 2, message[-3000:]  # each worker's stack, at its sleep
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(script) not in ps
