@@ -15,14 +15,19 @@ needs no mask and nothing derived on the GPU (transformers still builds sdpa's m
 below that use it):
 
 * packed rows (`cu_seq_lens_q` given, one row, no KV cache) on CUDA in bf16/fp16 with flash attention available:
-  `torch.nn.attention.varlen.varlen_attn`, causal within each example;
-* packed rows anywhere else (CPU, fp32): the same boundaries, one causal SDPA per example (exact, slower);
+  `torch.nn.attention.varlen.varlen_attn`, causal within each example, and within the model's sliding window where
+  the layer has one (Mistral, Phi-3, Starcoder2 pass it as `sliding_window=` on each call; Qwen2/3 and Gemma set it
+  per layer);
+* packed rows anywhere else (CPU, fp32): the same boundaries and window, one SDPA per example (exact, slower);
 * everything else (unpacked or padded batches, DPO with JOB_TRAIN__PACKING=false, generation with a KV cache,
-  dropout, sliding windows, soft-capping, bidirectional use): transformers' own `sdpa`, with the mask transformers
+  dropout, bidirectional use): transformers' own `sdpa`, with the mask transformers
   builds for it (the mask function registered for this name is `sdpa`'s), so the results there are `sdpa`'s. On CUDA
   that path leaves out cuDNN's SDPA backend, whose plan for each new shape stalls the GPU when micro-batches keep
   changing length (padded DPO batches); whether that pays is measured by the benchmark's `cudnn` variant
   (bench/NOTES.md).
+
+Models this can't serve never get it: job/fastpaths.py loads soft-capping models (Gemma-2) with transformers' `eager`
+and refuses packed rows for models that compute attention in their own code (Bloom, Falcon, MPT).
 
     >>> from job import attention
     >>> model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention.choose("cuda:0"))
@@ -96,9 +101,16 @@ def _is_packed_call(module, query, key, dropout, kwargs) -> bool:
         return False
     if dropout or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         return False
-    if getattr(module, "sliding_window", None) is not None:
-        return False
     return kwargs.get("is_causal", getattr(module, "is_causal", True)) is not False
+
+
+def window(module, kwargs) -> int | None:
+    """The layer's sliding window in tokens (a query sees itself and the window - 1 tokens before it), or None.
+    Mistral, Phi-3, Mixtral and Starcoder2 pass it on each call; Qwen2/3 and Gemma keep it on the layer (None on
+    their full-attention layers, which pass None on the call too)."""
+    if "sliding_window" in kwargs:
+        return kwargs["sliding_window"]
+    return getattr(module, "sliding_window", None)
 
 
 def packed_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
@@ -109,14 +121,15 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
     # Self-attention without a cache: the key boundaries are the query boundaries (the collator gives the same list
     # twice; comparing the two device copies would cost a host sync per layer).
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (seq, heads, dim): a view, no copy
-    out = varlen_causal(q, k, v, kwargs["cu_seq_lens_q"], kwargs.get("max_length_q"), scaling)
+    out = varlen_causal(q, k, v, kwargs["cu_seq_lens_q"], kwargs.get("max_length_q"), scaling, window(module, kwargs))
     return out.unsqueeze(0), None
 
 
 def varlen_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq_lens: torch.Tensor, max_len: int | None,
-                  scale: float | None) -> torch.Tensor:
-    """Causal attention within each segment [cu[i], cu[i+1]) of a flat row: q (tokens, heads, dim), k/v (tokens,
-    kv_heads, dim) -> (tokens, heads, dim). Flash varlen on CUDA in half precision; one SDPA per segment otherwise."""
+                  scale: float | None, sliding_window: int | None = None) -> torch.Tensor:
+    """Causal attention within each segment [cu[i], cu[i+1]) of a flat row, each query seeing at most the last
+    `sliding_window` tokens (itself included) when given: q (tokens, heads, dim), k/v (tokens, kv_heads, dim) ->
+    (tokens, heads, dim). Flash varlen on CUDA in half precision; one SDPA per segment otherwise."""
     kernel = _varlen_kernel()
     flash_shape = q.shape[-1] % 8 == 0 and q.shape[-1] <= 256  # head sizes the flash kernel has
     if q.is_cuda and kernel is not None and q.dtype in (torch.bfloat16, torch.float16) and flash_shape:
@@ -126,7 +139,10 @@ def varlen_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq_lens
         cu = cu_seq_lens.to(device=q.device, dtype=torch.int32, non_blocking=True)
         extra = {}
         if "window_size" in params:
-            extra["window_size"] = (-1, 0)  # causal
+            # causal; flash's window counts the tokens before the query, transformers' window includes the query
+            extra["window_size"] = (sliding_window - 1 if sliding_window else -1, 0)
+        elif sliding_window:
+            raise RuntimeError("this torch's varlen_attn takes no window, and the model has a sliding window")
         else:
             extra["is_causal"] = True
         if k.shape[1] != q.shape[1]:
@@ -146,8 +162,13 @@ def varlen_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq_lens
     out = torch.empty_like(q)
     for a, b in zip(bounds, bounds[1:]):
         if b > a:
+            mask = None
+            if sliding_window and b - a > sliding_window:  # causal and within the window: kv in (q - window, q]
+                i = torch.arange(b - a, device=q.device)
+                mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - sliding_window)
             seg = torch.nn.functional.scaled_dot_product_attention(
-                q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True, scale=scale)
+                q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), attn_mask=mask,
+                is_causal=mask is None, scale=scale)
             out[a:b] = seg.transpose(0, 1)
     if bounds[-1] < q.shape[0]:  # tokens past the last boundary belong to no example: give them zeros, not garbage
         out[bounds[-1]:] = 0

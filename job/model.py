@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from job import attention
 from job.errors import ConfigError, ModelError
 from job.settings import JobSettings, LoraSettings, QuantSettings
 
@@ -119,16 +118,23 @@ def load_base_model(model_dir: Path, settings: JobSettings):
 
     if not any(model_dir.glob("*.safetensors")):
         raise ModelError(f"JOB_BASE_MODEL: {settings.base_model}: no *.safetensors weights (pickled .bin/.pt weights are not loaded)")
+    from transformers import AutoConfig
+
+    from job import fastpaths
+
     device = device_for_rank()
     with model_errors(settings, "can't load the model"):
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=settings.trust_remote_code)
+        # Packed rows through variable-length attention where the model and the GPU have what it needs
+        # (job/fastpaths.py decides; job/attention.py says why), else transformers' own attention.
+        fast = fastpaths.decide(settings, config, device)
         model = AutoModelForCausalLM.from_pretrained(
             model_dir,
             quantization_config=quantization_config(settings.quant),
             dtype=getattr(torch, settings.quant.compute_dtype),
             use_safetensors=True,
             trust_remote_code=settings.trust_remote_code,
-            # Packed rows through variable-length attention where the GPU has it (job/attention.py says why), else sdpa.
-            attn_implementation=attention.choose(device),
+            attn_implementation=fast.attention,
             device_map={"": device},
         )
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with gradient checkpointing

@@ -171,6 +171,8 @@ def final_metrics(stage: str, trainer, train_result, eval_metrics: dict | None, 
                         "per_step": trainer.args.gradient_accumulation_steps},
         # What the length policy did (job/sequences.py): examples kept, prompts cut, dropped, and the first rows of each.
         "length_policy": lengths,
+        # Which fast paths ran and why any was off (job/fastpaths.py).
+        "fast_paths": trainer.job_fast_paths.report() if getattr(trainer, "job_fast_paths", None) else None,
     }
     if torch.cuda.is_available():
         out["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)

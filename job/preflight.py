@@ -172,6 +172,8 @@ class Models:
     base_dir: Path
     adapter_dir: Path | None
     identity: dict
+    #: job/fastpaths.py's decision for this model on this process's device (a model it can't train right is refused)
+    fast: object = None
 
 
 def check_models(s: JobSettings, workdir: Path) -> Models:
@@ -186,7 +188,11 @@ def check_models(s: JobSettings, workdir: Path) -> Models:
     check_target_modules(s, meta)
     if adapter_dir:
         check_adapter_fits(s, meta, adapter_dir)
-    return Models(base_uri, base_dir, adapter_dir, {"base_model": base_ident, "adapter": adapter_ident})
+    from job import fastpaths
+    from job.model import device_for_rank
+
+    fast = fastpaths.decide(s, meta.config, device_for_rank(), cls=type(meta))
+    return Models(base_uri, base_dir, adapter_dir, {"base_model": base_ident, "adapter": adapter_ident}, fast)
 
 
 def pull_weights(s: JobSettings, models: Models) -> Path:
@@ -398,6 +404,8 @@ def prepare(s: JobSettings, run_id: str, *, dry: bool = False, main: bool = True
         "eval": evald.report if evald else None,
         "plan": plan_steps,
         "eval_prompts": len(prompts),
+        # Decided again with the memory plan once the model is loaded (metrics.json has the final table).
+        "fast_paths": models.fast.report(),
         "inputs": {**inputs.identity, **model_identity},
     }
     log.info("plan: %d optimizer steps over %d %s (%s epochs), about %d tokens", plan_steps["steps"],

@@ -33,6 +33,7 @@ def test_check_reports_stats_without_loading_the_model(tiny_model, tmp_path):
     assert (read["role"], read["file"], read["format"], read["records"]) == ("train", str(DEMO_DATA / "sft.jsonl"), "text_output", 24)
     assert report["example"]["prompt"].startswith("<s>### 指示\n") and report["example"]["trained"].endswith("</s>")
     assert report["plan"]["steps"] > 0 and report["run"] == "a new run"
+    assert report["fast_paths"]["packed_attention"] == {"on": True, "why": "packed rows through one causal SDPA per example (CPU)"}
     assert not (tmp_path / "out").exists()  # the write probe leaves nothing behind
 
 

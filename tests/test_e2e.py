@@ -86,6 +86,9 @@ def test_sft_then_dpo_on_s3_and_the_adapter_changes_the_model(bucket, tiny_model
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["reward_accuracy"] is not None and metrics["reward_margin"] is not None
     assert metrics["padding_free"] is True  # the default (JOB_TRAIN__PACKING): job/padfree.py, training and eval
+    fast = metrics["fast_paths"]  # job/fastpaths.py's table, as the run used it
+    assert fast["padding_free_dpo"]["on"] and fast["packed_attention"]["on"] and fast["lean_lora"]["why"]
+    assert set(fast) == {"packed_attention", "padding_free_dpo", "lean_lora", "dequantized_copy", "offloaded_checkpoints"}
     # Run averages, not the last logging window: they agree with the trainer's own mean loss and with the per-step rows.
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics["train_loss"] == pytest.approx(next(r["train_loss"] for r in rows if "train_loss" in r), rel=1e-6)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from job import lora, offload, padfree
+from job import fastpaths, lora, offload, padfree
 from job.settings import JobSettings
 
 log = logging.getLogger("job")
@@ -142,16 +142,25 @@ def make_trainer(trainer_cls, s: JobSettings, model, args, tokenizer, train_rows
         trainer.job_dequantized_gib = round(keep(trainer.model) / 2**30, 3)
         log.info("4-bit base weights dequantized once: a %.1f GiB copy in %s (JOB_QUANT__KEEP_DEQUANTIZED=%s)",
                  trainer.job_dequantized_gib, s.quant.compute_dtype, s.quant.keep_dequantized)
+    # Every fast path as job/fastpaths.py decides it for this model and device (the table --check showed).
+    fast = fastpaths.for_model(s, model, next(trainer.model.parameters()).device)
     # DPO's chosen and rejected rows as one row without padding (job/padfree.py); JOB_TRAIN__PACKING=false: TRL's padding.
-    trainer.job_padding_free = s.stage == "dpo" and s.train.packing
+    trainer.job_padding_free = s.stage == "dpo" and fast.padding_free
     if trainer.job_padding_free:
         trainer.data_collator = padfree.Collator(trainer.data_collator)
         for m in (trainer.model, trainer.ref_model):
             if m is not None:
                 padfree.install(m)
-    if lora.LEAN:
-        lean = lora.make_lean(trainer.model)
-        log.debug("%d LoRA layers on the lean forward (job/lora.py)", lean)
+    lean = lora.make_lean(trainer.model) if lora.LEAN else 0
+    fast.set("lean_lora", lean > 0, f"{lean} of {len(lora.lora_layers(trainer.model))} LoRA layers (the rest: PEFT's forward)"
+             if lora.LEAN else "switched off (bench)")
+    fast.set("dequantized_copy", keep_dequantized, "the memory plan: " + (
+        f"{trainer.job_dequantized_gib} GiB" if keep_dequantized else "not kept"))
+    fast.set("offloaded_checkpoints", trainer.job_offload, "JOB_TRAIN__OFFLOAD_CHECKPOINTS with checkpointing on a GPU"
+             if trainer.job_offload else "off (needs JOB_TRAIN__OFFLOAD_CHECKPOINTS, checkpointing and a GPU)")
+    trainer.job_fast_paths = fast
+    log.info("fast paths: %s", ", ".join(f"{k} {'on' if v['on'] else 'off'}" for k, v in fast.report().items()),
+             extra={"fields": {"event": "fast_paths", "fast_paths": fast.report()}})
     return trainer
 
 
