@@ -63,8 +63,14 @@ def test_dpo_micro_batches_pad_less_and_give_the_same_step_loss(tiny_model, tmp_
     assert sum(b["attention_mask"].sum() for b in sorted_batches) == sum(b["attention_mask"].sum() for b in random_batches)
     assert padding(sorted_batches) < 0.5 * padding(random_batches)
 
-    # One step (8 pairs): the loss averaged over its 4 micro-batches, grouped sorted vs as drawn.
+    # One step (8 pairs): the loss averaged over its 4 micro-batches, grouped sorted vs as drawn. A policy that differs
+    # from the reference: with a fresh LoRA (B = 0) every pair's loss is exactly ln 2 whatever the grouping.
     step = list(trainer._get_train_sampler())[:8]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
     trainer.model.eval()
 
     def step_loss(groups):
@@ -73,6 +79,7 @@ def test_dpo_micro_batches_pad_less_and_give_the_same_step_loss(tiny_model, tmp_
 
     as_sorted = step_loss([step[i : i + 2] for i in range(0, 8, 2)])
     interleaved = step_loss([step[i::4] for i in range(4)])  # longest with shortest
+    assert abs(as_sorted - 0.6931471805599453) > 1e-3, "policy equal to the reference: the comparison would not tell"
     assert as_sorted == pytest.approx(interleaved, rel=1e-4, abs=1e-5)
 
 

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One device call, parameterized (a new measurement is a new plan, not a new script). Everything is optional:
+#   NAME     the call's tag: $OUT/NAME.log, $OUT/bench-SHAPE-NAME.json, $OUT/pytest-cuda-NAME.txt      (default: call)
+#   TESTS    pytest arguments run on the GPU first, while the model builds                          (default: none)
+#   PLAN     bench/bench.py's --plan on this tree                                                    (default: none)
+#   BASE     a tree to measure the same plan on in the same call, for an A/B: a .tar.gz of `git archive <commit> job
+#            bench` carried in; its results go to bench-SHAPE-NAME-base.json                         (default: none)
+#   BASE_COMMIT the commit BASE was made from (recorded in its JSON). BUDGET, SHAPE, BENCH_COMMIT as in common.sh.
+#
+#   run: command  "BENCH_COMMIT=$(git rev-parse --short HEAD) NAME=r1 TESTS='tests/test_families.py' PLAN=sft:job:default@8 \
+#                  BASE=.gpuw/base.tgz bash bench/device/run.sh"   carry [".gpuw"]   timeout_s 600
+#   (git archive 92e1107 job bench | gzip > .gpuw/base.tgz, after bench/device/wheels.sh)
+set -u -o pipefail
+NAME=${NAME:-call}
+source bench/device/common.sh
+if [ -n "${TESTS:-}" ]; then
+  # shellcheck disable=SC2086
+  cuda_tests $(( $(left) / 3 )) "pytest-cuda-$NAME.txt" $TESTS
+fi
+if [ -n "${PLAN:-}" ]; then
+  ready
+  bench_run
+  at "bench exit $?"
+  if [ -n "${BASE:-}" ]; then
+    base=/tmp/base && mkdir -p "$base" && tar -xzf "$BASE" -C "$base"
+    hard=$(( $(left) - 8 ))
+    (cd "$base" && BENCH_COMMIT="${BASE_COMMIT:-base}" PYTHONPATH="/tmp/site:$base" timeout "$hard" python3 bench/bench.py run --shape "$SHAPE" --work "$WORK" \
+      --out "$OUT" --tag "$NAME-base" --plan "$PLAN" --warmup-steps 2 --deadline-s $(( $(left) - 40 )))
+    at "base bench exit $?"
+  fi
+fi
+at "done"
+sleep 1  # let tee write the last lines
