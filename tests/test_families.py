@@ -216,7 +216,7 @@ def test_attention_in_its_own_code_is_refused_for_packed_sft_before_the_weights_
     s = load_settings({**{k: v for k, v in env.items() if k.startswith("JOB_")}, "JOB_TRAIN__PACKING": "false",
                        "JOB_QUANT__LOAD_IN": "none", "JOB_QUANT__COMPUTE_DTYPE": "float32"})
     model = load_base_model(dest, s).eval()
-    ids = torch.randint(5, len(tok) - 1, (1, 24), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(5, len(tok) - 1, (1, 24), generator=torch.Generator().manual_seed(0)).to(model.device)
     with torch.no_grad():
         short, longer = model(input_ids=ids[:, :16]).logits, model(input_ids=ids).logits[:, :16]
     assert (short - longer).abs().max().item() < 1e-4  # no attention to later tokens
