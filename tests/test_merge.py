@@ -239,3 +239,15 @@ def test_no_module_below_the_pipeline_imports_it():
             if "job.pipeline" in names:
                 importers.append(path.relative_to(root).as_posix())
     assert set(importers) <= {"__main__.py", "demo.py"}, importers  # the entry points, above it
+
+
+def test_merge_settings_are_not_part_of_a_training_runs_identity():
+    """JOB_MERGE__* concerns a later merge: setting it (or a version that added it) doesn't make an SFT run another run."""
+    from job import preflight
+    from job.settings import load_settings
+
+    env = {"JOB_STAGE": "sft", "JOB_BASE_MODEL": "org/model", "JOB_DATA": "d.jsonl", "JOB_OUTPUT": "out"}
+    inputs, models = preflight.Inputs(train=[], eval=[]), {"base_model": {"repo_id": "org/model"}, "adapter": None}
+    default, original = (preflight.identity(load_settings({**env, **extra}), inputs, models)
+                         for extra in ({}, {"JOB_MERGE__BASE": "original"}))
+    assert "merge" not in default["config"] and default["sha256"] == original["sha256"]

@@ -5,6 +5,8 @@
     JOB_OUTPUT=s3://bucket/runs qlora-job
     # -> s3://bucket/runs/{run_id}/merged/   safetensors shards, config.json, generation_config.json, the tokenizer
     #                                         with the prompt format as its chat template, prompt_format.json, README.md
+    #    s3://bucket/runs/{run_id}/metrics.json  which base, and (with JOB_EVAL_DATA or JOB_EVAL_PROMPTS) how far the
+    #                                         merged model is from the trained one
     #    s3://bucket/runs/{run_id}/run.json, then _SUCCESS
 
 The adapter was trained on JOB_BASE_MODEL quantized (NF4 by default): every metric of the run describes that model.
