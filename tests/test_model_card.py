@@ -115,3 +115,21 @@ def test_the_published_card_has_the_hubs_metadata_the_held_out_figures_and_the_a
     assert "| held-out reward accuracy | 0.75 |" in card
     # The snippet still runs as written (the header above it changed, not the code).
     assert 'PeftModel.from_pretrained(base, adapter)' in snippet(card)
+
+
+def test_the_merged_cards_header_names_its_base_as_a_merge_with_the_comparison_as_eval_results():
+    """job/stages/merge.py's header, read back by huggingface_hub: a Hub base with `base_model_relation: merge`, and
+    the comparison with the trained model as eval results on the data it was measured on."""
+    from huggingface_hub import ModelCard
+
+    from job.stages import merge
+
+    metrics = {"eval_loss_merged": 1.25, "eval_loss_trained": 1.2, "kl_per_token": 2e-6, "greedy_agreement": 0.875}
+    header = outputs.card_metadata(base_model="org/base", relation="merge", tags=["qlora-job", "merged"], model_name="m1",
+                                   results=merge._card_results(metrics), results_data="hf://datasets/org/qa/eval.jsonl")
+    data = ModelCard(f"---\n{header}---\n# m1\n").data
+    assert (data.base_model, data.base_model_relation, data.library_name) == ("org/base", "merge", None)
+    got = {r.metric_type + ":" + r.metric_name: (r.metric_value, r.dataset_type) for r in data.eval_results}
+    assert got["kl_divergence:mean per-token KL from the trained model"] == (2e-6, "org/qa")
+    assert got["agreement:greedy answers equal to the trained model's"] == (0.875, "org/qa")
+    assert len(got) == 4
