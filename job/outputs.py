@@ -194,12 +194,10 @@ def final_metrics(stage: str, trainer, train_result, eval_metrics: dict | None, 
 
 
 MODEL_CARD = """---
-library_name: peft
-{metadata}tags: [qlora-job, {stage}, lora]
----
+{metadata}---
 # {run_id} ({stage})
 
-LoRA adapter trained by qlora-job on `{base}` with data `{data}`. {where_text}
+LoRA adapter trained by qlora-job ({stage}) on `{base}` {quant_text}, with data `{data}`.{start_text} {where_text}
 
 ```python
 from peft import PeftModel
@@ -215,8 +213,50 @@ out = model.generate(**inputs, max_new_tokens=64)
 print(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 
-Prompt format: `{prompt_format}` (see prompt_format.json). Metrics: see metrics.json beside this folder.
-"""
+{base_16bit_text}Prompt format: `{prompt_format}` (see prompt_format.json). Metrics: see metrics.json beside this folder.
+{results_text}"""
+
+#: metrics.json keys shown as a card's eval results: (key, metric type, name).
+CARD_RESULTS = (("eval_loss", "loss", "held-out loss"),
+                ("eval_mean_token_accuracy", "accuracy", "held-out mean token accuracy"),
+                ("eval_reward_accuracy", "accuracy", "held-out reward accuracy"),
+                ("eval_reward_margin", "reward_margin", "held-out reward margin"),
+                ("generation_exact_match_after", "exact_match", "greedy answers equal to the reference"))
+
+
+def hub_dataset(uri: str | None) -> str | None:
+    """The Hub id of a dataset URI (`hf://datasets/org/name`), else None."""
+    parsed = storage.parse_uri(uri) if uri else None
+    return parsed.repo_id if isinstance(parsed, storage.HfUri) and parsed.repo_type == "dataset" else None
+
+
+def card_metadata(*, base_model: str | None, relation: str, tags: list[str], model_name: str,
+                  results: list[tuple[str, str, float]] = (), results_data: str | None = None,
+                  datasets: list[str] = (), library_name: str | None = None) -> str:
+    """A model card's YAML front matter in the Hub's conventions, written by huggingface_hub: `base_model` (a Hub model
+    id only: the Hub links the card to it) with `base_model_relation`, `library_name`, `datasets` (Hub ids), `tags`,
+    and `results` (metric type, name, value) as eval results (`model-index`) on `results_data`."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    hub_id = hub_dataset(results_data)
+    evals = [EvalResult(task_type="text-generation", dataset_type=hub_id or "custom",
+                        dataset_name=hub_id or results_data or "held-out data", metric_type=kind, metric_value=value,
+                        metric_name=name) for kind, name, value in results]
+    card = ModelCardData(base_model=base_model, library_name=library_name, datasets=list(dict.fromkeys(datasets)) or None,
+                         tags=tags, model_name=model_name, eval_results=evals or None,
+                         **({"base_model_relation": relation} if base_model else {}))
+    return card.to_yaml() + "\n"
+
+
+def quant_text(quant: dict | None) -> str:
+    """How training stored the base, for a card: `in 4-bit NF4 (QLoRA: ...)`."""
+    q = quant or {}
+    if q.get("load_in", "4bit") == "none":
+        return f"in {q.get('compute_dtype', 'bfloat16')} (not quantized)"
+    if q.get("load_in") == "8bit":
+        return "quantized to 8 bits (bitsandbytes LLM.int8)"
+    return (f"quantized to 4-bit {q.get('type', 'nf4').upper()} (QLoRA: bitsandbytes, "
+            f"{'double quantization, ' if q.get('double_quant', True) else ''}{q.get('compute_dtype', 'bfloat16')} compute)")
 
 
 def base_model_ref(base: str) -> tuple[str, str | None, str | None]:
@@ -258,10 +298,10 @@ def write_prompt_format(dest: Path, tokenizer, prompt_format: str) -> None:
 def write_adapter(dest: Path, model, tokenizer, prompt_format: str, *, base: str, data: str, run_id: str, stage: str,
                   output: str | None = None) -> None:
     """The trained adapter with its tokenizer, prompt format and model card. `output` (JOB_OUTPUT) lets the card's
-    snippet name where the adapter will be."""
+    snippet name where the adapter will be. `publish` completes the card from run.json and metrics.json."""
     # Only the trained adapter: DPO's frozen "ref" copy is an implementation detail of training.
     model.save_pretrained(dest, selected_adapters=["default"], safe_serialization=True)
-    base_ref, repo_id, revision = base_model_ref(base)
+    base_ref, _, revision = base_model_ref(base)
     # PEFT records the folder the base was loaded from, here a download folder of the pod that no longer exists.
     config_path = dest / "adapter_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -271,15 +311,53 @@ def write_adapter(dest: Path, model, tokenizer, prompt_format: str, *, base: str
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     tokenizer.save_pretrained(dest)
     write_prompt_format(dest, tokenizer, prompt_format)
-    adapter, hub_args, where_text = location_ref(output, run_id, "adapter")
+    write_model_card(dest, base=base, data=data, run_id=run_id, stage=stage, output=output, prompt_format=prompt_format)
+
+
+def write_model_card(dest: Path, *, base: str, data: str, run_id: str, stage: str, output: str | None,
+                     prompt_format: str, quant: dict | None = None, adapter: str | None = None,
+                     eval_data: str | None = None, metrics: dict | None = None) -> None:
+    """The adapter's README.md: Hub metadata (card_metadata), how it was trained, a snippet that loads it."""
+    base_ref, repo_id, revision = base_model_ref(base)
+    where, hub_args, where_text = location_ref(output, run_id, "adapter")
+    m = metrics or {}
+    results = [(kind, name, m[key]) for key, kind, name in CARD_RESULTS if m.get(key) is not None]
+    start = f" It started from the adapter `{adapter}`" + (", also DPO's frozen reference." if stage == "dpo" else ".") \
+        if adapter else ""
+    four_bit = (quant or {}).get("load_in", "4bit") != "none"
+    base_16bit = ("The snippet loads the base in 16 bits: its answers differ slightly from the trained model's (the base's "
+                  "quantization error). `BitsAndBytesConfig` with the settings above reproduces the trained model; "
+                  "JOB_STAGE=merge (JOB_MERGE__BASE=dequantized) makes a 16-bit model that computes as it does.\n\n"
+                  if four_bit else "")
+    lines = [f"| {name} | {value:.4g} |" for _, name, value in results]
+    results_text = ("\n| held-out metric | value |\n|---|---|\n" + "\n".join(lines) + "\n") if lines else ""
     (dest / "README.md").write_text(MODEL_CARD.format(
-        # The Hub accepts only a repo id as base_model, and links the adapter to it.
-        metadata=f"base_model: {repo_id}\n" if repo_id else "",
-        base=base, data=data, run_id=run_id, stage=stage, prompt_format=prompt_format,
-        adapter=adapter, hub_args=hub_args, where_text=where_text, base_ref=base_ref,
+        metadata=card_metadata(base_model=repo_id, relation="adapter", library_name="peft", model_name=run_id,
+                               tags=["qlora-job", stage, "lora", "qlora" if four_bit else "peft"],
+                               datasets=[d for d in (hub_dataset(data), hub_dataset(eval_data)) if d],
+                               results=results, results_data=eval_data or data),
+        base=base, data=data, run_id=run_id, stage=stage, prompt_format=prompt_format, quant_text=quant_text(quant),
+        start_text=start, adapter=where, hub_args=hub_args, where_text=where_text, base_ref=base_ref,
         base_args=f', revision="{revision}"' if revision else "",
         base_note="  # download it first (aws s3 sync) and give its folder" if base_ref.startswith("s3://") else "",
+        base_16bit_text=base_16bit, results_text=results_text,
     ), encoding="utf-8")
+
+
+def complete_model_card(local: Path) -> None:
+    """Rewrite adapter/README.md with what only the finished run knows (run.json's config, metrics.json's held-out
+    figures): the adapter is written before the final evaluation."""
+    card, run_path, metrics_path = local / "adapter" / "README.md", local / "run.json", local / "metrics.json"
+    if not (card.exists() and run_path.exists()):
+        return
+    run = json.loads(run_path.read_text(encoding="utf-8"))
+    c = run.get("config") or {}
+    if run.get("stage") not in ("sft", "dpo") or "base_model" not in c:
+        return
+    write_model_card(card.parent, base=c["base_model"], data=c["data"], run_id=run["run_id"], stage=run["stage"],
+                     output=c.get("output"), prompt_format=run.get("prompt_format", ""), quant=c.get("quant"),
+                     adapter=c.get("adapter"), eval_data=c.get("eval_data"),
+                     metrics=json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.exists() else None)
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -291,6 +369,7 @@ def publish(local: Path, remote: storage.Uri, token: str | None) -> None:
 
     On the Hub a commit is all-or-nothing, so there it is one commit named after the run, `_SUCCESS` included, and the
     run's artifact (merged/ or adapter/) also becomes the root of the output (storage.publish_hub)."""
+    complete_model_card(local)
     marker = local.parent / "_SUCCESS"
     marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n")
     if isinstance(remote, storage.HfUri):

@@ -8,7 +8,6 @@ push -> _SUCCESS.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import shutil
@@ -17,8 +16,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from job import preflight, storage
+from job.distributed import first_process_per_node as _first_process_per_node
+from job.distributed import same_on_every_process as _same_on_every_process
+from job.distributed import state as _distributed_state
 from job.checkpoints import CheckpointCallback, StopSignal, pull_latest
-from job.errors import OutOfMemory, Preempted, TransientError
+from job.errors import OutOfMemory, Preempted
 from job.settings import JobSettings
 
 log = logging.getLogger("job")
@@ -204,43 +206,3 @@ def _train_once(s, plan, base_dir, stop, progress_bar, *, forced, used):
         raise Preempted(f"{stop.received} received: checkpoint at step {trainer.state.global_step} uploaded to {checkpoints}",
                         signal_name=stop.received)
     return trainer, result, resume_from, before
-
-
-@contextlib.contextmanager
-def _first_process_per_node():
-    """With several processes (torchrun), let the node's first one download while the others wait. When the first
-    one fails (bad data, say) the others' wait ends with a closed connection: theirs is not the error to report."""
-    state = _distributed_state()
-    if state.num_processes == 1:
-        yield
-        return
-    if not state.is_local_main_process:
-        _wait_for_everyone(state)
-    yield
-    if state.is_local_main_process:
-        _wait_for_everyone(state)
-
-
-def _wait_for_everyone(state) -> None:
-    try:
-        state.wait_for_everyone()
-    except RuntimeError as exc:  # gloo and NCCL report a peer that exited as RuntimeError subclasses
-        raise TransientError(f"process {state.process_index}: another process of this run stopped while this one "
-                             "waited for it; that process's error says why") from exc
-
-
-def _same_on_every_process(run_id: str) -> str:
-    """A generated run id must be the same on every rank: rank 0's wins."""
-    from accelerate.utils import broadcast_object_list
-
-    if _distributed_state().num_processes == 1:
-        return run_id
-    return broadcast_object_list([run_id], from_process=0)[0]
-
-
-def _distributed_state():
-    """accelerate's process state, as the Trainer will set it up (gloo on CPU, NCCL on GPUs; one process without torchrun)."""
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())

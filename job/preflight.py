@@ -273,6 +273,7 @@ def identity(s: JobSettings, inputs: Inputs, model_identity: dict) -> dict:
     config["train"] = {k: v for k, v in config["train"].items() if k not in OPERATIONAL_TRAIN}
     if s.stage != "dpo":
         config.pop("dpo")
+    config.pop("merge", None)  # JOB_MERGE__* concerns a later merge of the adapter, not what this run trains
     ident = {
         "stage": s.stage,
         "config": config,

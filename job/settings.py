@@ -181,6 +181,16 @@ class DpoSettings(_Group):
     loss_type: str = "sigmoid"
 
 
+class MergeSettings(_Group):
+    """`JOB_MERGE__*`: JOB_STAGE=merge only (job/stages/merge.py)."""
+
+    #: The 16-bit base the adapter is merged into. `dequantized`: JOB_BASE_MODEL quantized with the JOB_QUANT__*
+    #: settings (set them as the run that trained the adapter did) and dequantized to COMPUTE_DTYPE: the weights the
+    #: adapter was trained and evaluated with. `original`: the checkpoint's own weights, without the quantization error
+    #: the adapter was trained around.
+    base: Literal["dequantized", "original"] = "dequantized"
+
+
 class ColumnSettings(_Group):
     """`JOB_COLUMNS__*`: names of the columns in your data when they differ from the recognised ones."""
 
@@ -239,6 +249,7 @@ class JobSettings(BaseSettings):
     quant: QuantSettings = QuantSettings()
     train: TrainSettings = TrainSettings()
     dpo: DpoSettings = DpoSettings()
+    merge: MergeSettings = MergeSettings()
     columns: ColumnSettings = ColumnSettings()
     #: A Hub repository the job creates for JOB_OUTPUT=hf://org/repo is private unless this is false.
     hub_private: bool = True

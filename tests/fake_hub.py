@@ -61,6 +61,28 @@ from urllib.parse import unquote, urlsplit
 
 import yaml
 
+#: What the Hub accepts as `base_model_relation` (huggingface.co/docs/hub/model-cards).
+BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
+
+
+def _model_index_errors(index) -> list[str]:
+    """The Hub's shape of `model-index` eval results: [{name, results: [{task: {type}, dataset: {type, name},
+    metrics: [{type, value}]}]}]."""
+    if index is None:
+        return []
+    try:
+        assert isinstance(index, list) and index
+        for entry in index:
+            assert isinstance(entry["name"], str) and entry["results"]
+            for result in entry["results"]:
+                assert isinstance(result["task"]["type"], str)
+                assert isinstance(result["dataset"]["type"], str) and isinstance(result["dataset"]["name"], str)
+                for metric in result["metrics"]:
+                    assert isinstance(metric["type"], str) and "value" in metric
+    except (AssertionError, KeyError, TypeError) as exc:
+        return [f"malformed ({type(exc).__name__}: {exc})"]
+    return []
+
 KINDS = {"models": "model", "datasets": "dataset"}
 PREFIX = {"model": "", "dataset": "datasets/"}
 #: What the Hub's default .gitattributes sends to LFS (a subset).
@@ -135,6 +157,7 @@ class FakeHub:
         self.token, self.read_token, self.lfs_threshold = token, read_token, lfs_threshold
         self.repos: dict[tuple[str, str], Repo] = {}
         self.requests: list[Request] = []
+        self.metadata: list[dict] = []  # every README header validated (POST /api/validate-yaml)
         self.lfs_objects: dict[str, bytes] = {}  # sha256 -> content, once uploaded
         self._ticket = secrets.token_hex(8)  # stands in for the signature of a presigned upload URL
         self._lock = threading.Lock()
@@ -303,6 +326,8 @@ class FakeHub:
         self._json(h, {"url": f"{self.url}/{PREFIX[repo_type]}{repo_id}", "name": repo_id})
 
     def _validate_yaml(self, h, payload: dict) -> None:
+        """The Hub's checks of a README's metadata that concern the job's cards (hub-docs: model-cards.md); every
+        header validated is kept in `self.metadata`."""
         text = payload.get("content", "")
         errors = []
         if text.startswith("---\n"):
@@ -311,6 +336,19 @@ class FakeHub:
             for value in base if isinstance(base, list) else [base] if base else []:
                 if not isinstance(value, str) or not fnmatch.fnmatch(value, "?*/?*") or value.count("/") != 1 or ":" in value:
                     errors.append({"message": f'"base_model" must be a Hub model id, got {value!r}'})
+            relation = meta.get("base_model_relation")
+            if relation is not None and (relation not in BASE_MODEL_RELATIONS or not base):
+                errors.append({"message": f'"base_model_relation" must be one of {BASE_MODEL_RELATIONS} beside a '
+                                          f'"base_model", got {relation!r}'})
+            for key in ("datasets", "tags"):
+                value = meta.get(key)
+                if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                    errors.append({"message": f'"{key}" must be a list of strings, got {value!r}'})
+            for value in meta.get("datasets") or []:
+                if value.count("/") > 1 or ":" in value:
+                    errors.append({"message": f'"datasets" must hold Hub dataset ids, got {value!r}'})
+            errors += [{"message": f'"model-index": {e}'} for e in _model_index_errors(meta.get("model-index"))]
+            self.metadata.append(meta)
         if errors:
             return self._json(h, {"errors": errors, "warnings": []}, status=400)
         self._json(h, {"errors": [], "warnings": []})

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+import yaml
 
 from job.exitcodes import ExitCode
 
@@ -232,6 +233,16 @@ def test_sft_pushes_one_commit_to_a_new_private_repo_that_loads_by_id_and_dpo_co
     card = python(snippet(files["sft-1/adapter/README.md"].decode()), user_env)
     assert card.returncode == 0, card.stderr[-3000:]
     assert 'subfolder="sft-1/adapter"' in files["README.md"].decode()
+    # The card's header follows the Hub's conventions (the fake Hub validated it when it was pushed), with the run's
+    # held-out figures as eval results; its text says what the adapter was trained on.
+    card = files["sft-1/adapter/README.md"].decode()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta in hub.metadata
+    assert (meta["base_model"], meta["base_model_relation"], meta["library_name"]) == (MODEL, "adapter", "peft")
+    assert meta["datasets"] == [DATASET] and {"qlora-job", "sft", "qlora"} <= set(meta["tags"])
+    results = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    assert results["exact_match"] == json.loads(files["sft-1/metrics.json"])["generation_exact_match_after"]
+    assert "quantized to 4-bit NF4" in card
 
     # DPO starts from the repo, as the seed's second notebook does, and pushes to the same repo.
     main_before_dpo = repo.refs["main"]  # the SFT run's commit, then the deletion of its checkpoints: same files at the root
@@ -248,6 +259,11 @@ def test_sft_pushes_one_commit_to_a_new_private_repo_that_loads_by_id_and_dpo_co
     dpo_commit = next(c for c in repo.log if c.message == "qlora-job dpo dpo-1")
     assert repo.refs["sft-1"] == sft_commit.sha and repo.refs["dpo-1"] == dpo_commit.sha
     assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == MODEL
+    # The DPO card names the SFT adapter it started from (its frozen reference).
+    card = files["dpo-1/adapter/README.md"].decode()
+    assert f"It started from the adapter `hf://{RUNS}`, also DPO's frozen reference." in card
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta in hub.metadata and meta["base_model_relation"] == "adapter" and "dpo" in meta["tags"]
 
 
 def test_push_errors_fail_before_any_download_with_their_exit_codes(hub, tmp_path):

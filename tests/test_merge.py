@@ -6,9 +6,11 @@ tolerance of the comparison: a merge that dropped or mis-scaled it fails (the co
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+import yaml
 
 from job.exitcodes import ExitCode
 
@@ -52,7 +54,7 @@ def test_merge_on_s3_equals_base_plus_adapter_and_serves_as_is(s3, tiny_model, t
     r = run_job(job_env(**s3.env, HF_TOKEN=FAKE_SECRET, JOB_STAGE="merge", JOB_BASE_MODEL=f"s3://{s3.bucket}/models/tiny/",
                         JOB_ADAPTER=f"s3://{s3.bucket}/runs/sft-1/adapter/", JOB_OUTPUT=f"s3://{s3.bucket}/runs",
                         JOB_RUN_ID="merge-1", JOB_QUANT__COMPUTE_DTYPE="float32", JOB_WORKDIR=str(tmp_path / "work"),
-                        JOB_LOG_FORMAT="json"))
+                        JOB_MERGE__BASE="original", JOB_LOG_FORMAT="json"))
     assert r.returncode == 0, r.stderr[-3000:]
 
     names = [k.removeprefix("runs/merge-1/") for k in keys(s3, s3.bucket, "runs/merge-1/")]
@@ -108,7 +110,8 @@ def test_merge_on_s3_equals_base_plus_adapter_and_serves_as_is(s3, tiny_model, t
 
 def test_merge_in_process_defaults_to_bfloat16(tiny_model, tmp_path):
     """Without JOB_QUANT__COMPUTE_DTYPE the base is merged in bfloat16 (QLoRA's compute dtype), whatever the dtype of
-    its checkpoint (the tiny model is saved in float32); local paths in and out."""
+    its checkpoint (the tiny model is saved in float32); local paths in and out. (The original base: compared below
+    with the float32 checkpoint plus the adapter.)"""
     from peft import PeftModel
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
@@ -118,7 +121,8 @@ def test_merge_in_process_defaults_to_bfloat16(tiny_model, tmp_path):
 
     adapter = build_adapter(tiny_model, tmp_path / "adapter")
     s = load_settings({"JOB_STAGE": "merge", "JOB_BASE_MODEL": str(tiny_model), "JOB_ADAPTER": str(adapter),
-                       "JOB_OUTPUT": str(tmp_path / "out"), "JOB_RUN_ID": "m1", "JOB_WORKDIR": str(tmp_path / "work")})
+                       "JOB_OUTPUT": str(tmp_path / "out"), "JOB_RUN_ID": "m1", "JOB_WORKDIR": str(tmp_path / "work"),
+                       "JOB_MERGE__BASE": "original"})
     out = merge.run(s)
     merged_dir = tmp_path / "out" / "m1" / "merged"
     assert out == str(tmp_path / "out" / "m1") and (tmp_path / "out" / "m1" / "_SUCCESS").is_file()
@@ -159,3 +163,91 @@ def test_merge_refuses_an_adapter_that_does_not_fit(tiny_model, tmp_path):
     assert r.returncode == ExitCode.MODEL, r.stderr[-3000:]
     assert "JOB_ADAPTER:" in r.stderr and "does not fit JOB_BASE_MODEL" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_dequantized_base_computes_what_was_trained_and_the_merge_measures_it(tiny_model, tmp_path):
+    """JOB_MERGE__BASE=dequantized merges into the 4-bit base dequantized (the weights the adapter was trained with);
+    each merge compares itself with the trained model (4-bit base + adapter) on JOB_EVAL_DATA, writes the figures in
+    metrics.json and its model card, and prints them in its closing summary. Control: the original base, which
+    differs from the trained model by the quantization error, is measured as farther. A bad JOB_EVAL_DATA fails
+    before the weights, naming the variable and the row."""
+    adapter = build_adapter(tiny_model, tmp_path / "adapter")
+    (tmp_path / "bad.jsonl").write_text('{"text": "質問", "output": "回答"}\n{"text": 3}\n', encoding="utf-8")
+
+    def env(run_id, **extra):
+        return job_env(**{"JOB_STAGE": "merge", "JOB_BASE_MODEL": str(tiny_model), "JOB_ADAPTER": str(adapter),
+                          "JOB_RUN_ID": run_id, "JOB_OUTPUT": str(tmp_path / "out"), "JOB_WORKDIR": str(tmp_path / run_id),
+                          "JOB_EVAL_DATA": str(DEMO_DATA / "sft.jsonl"), "JOB_LOG_FORMAT": "json", **extra})
+
+    with ThreadPoolExecutor(3) as pool:
+        deq, orig, bad = pool.map(run_job, [env("deq"), env("orig", JOB_MERGE__BASE="original"),
+                                            env("bad", JOB_EVAL_DATA=str(tmp_path / "bad.jsonl"))])
+    m = {}
+    for name, r in (("deq", deq), ("orig", orig)):
+        assert r.returncode == 0, r.stderr[-3000:]
+        m[name] = json.loads((tmp_path / "out" / name / "metrics.json").read_text())
+        assert m[name]["compared_on"] == "JOB_EVAL_DATA" and m[name]["compared_tokens"] > 100, m[name]
+        assert m[name]["greedy_prompts"] == 8 and 0 <= m[name]["greedy_agreement"] <= 1
+        assert 0 <= m[name]["kl_per_token"] and m[name]["eval_loss_trained"] > 0 and m[name]["eval_loss_merged"] > 0
+        assert f"qlora-job merge finished: {tmp_path / 'out' / name}" in r.stdout and "KL" in r.stdout
+    assert m["deq"]["base"] == "dequantized" and m["orig"]["base"] == "original"  # the default, and as set
+    # Both compare with the same trained model on the same tokens.
+    assert m["deq"]["eval_loss_trained"] == m["orig"]["eval_loss_trained"]
+    assert m["deq"]["compared_tokens"] == m["orig"]["compared_tokens"]
+    # The dequantized merge computes what was trained, up to bfloat16 rounding of W + BA; the original base is
+    # measurably farther (on this model, ~25x in KL).
+    assert m["deq"]["kl_per_token"] < 1e-5 and abs(m["deq"]["eval_loss_merged"] - m["deq"]["eval_loss_trained"]) < 1e-3
+    assert m["orig"]["kl_per_token"] > 5 * m["deq"]["kl_per_token"]
+    assert m["deq"]["greedy_agreement"] > m["orig"]["greedy_agreement"]
+    # The merged card carries the Hub's metadata and the figures.
+    card = (tmp_path / "out" / "deq" / "merged" / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert "merged" in meta["tags"] and "base_model" not in meta  # a local base is no Hub id (test_hub: one that is)
+    figures = {x["name"]: x["value"] for x in meta["model-index"][0]["results"][0]["metrics"]}
+    assert figures["mean per-token KL from the trained model"] == m["deq"]["kl_per_token"]
+    assert "dequantized from nf4" in card
+
+    assert bad.returncode == ExitCode.DATA, bad.stderr[-3000:]
+    assert f"JOB_EVAL_DATA: {tmp_path / 'bad.jsonl'}: row 2" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "out" / "bad").exists()
+    assert not list((tmp_path / "bad").rglob("*.safetensors"))  # failed before the weights came
+
+
+def test_merge_base_is_one_of_two_names():
+    from job.errors import ConfigError
+    from job.settings import load_settings
+
+    with pytest.raises(ConfigError, match="JOB_MERGE__BASE: .*'16bit'"):
+        load_settings({"JOB_STAGE": "merge", "JOB_BASE_MODEL": "org/model", "JOB_ADAPTER": "a/", "JOB_OUTPUT": "out",
+                       "JOB_MERGE__BASE": "16bit"})
+
+
+def test_no_module_below_the_pipeline_imports_it():
+    """job/pipeline.py is the top of a run: a stage that imported it (merge took its process state) made an import
+    cycle. Process coordination lives below both, in job/distributed.py."""
+    import ast
+    from pathlib import Path
+
+    import job
+
+    root = Path(job.__file__).parent
+    importers = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] + [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom) and node.module else []
+            if "job.pipeline" in names:
+                importers.append(path.relative_to(root).as_posix())
+    assert set(importers) <= {"__main__.py", "demo.py"}, importers  # the entry points, above it
+
+
+def test_merge_settings_are_not_part_of_a_training_runs_identity():
+    """JOB_MERGE__* concerns a later merge: setting it (or a version that added it) doesn't make an SFT run another run."""
+    from job import preflight
+    from job.settings import load_settings
+
+    env = {"JOB_STAGE": "sft", "JOB_BASE_MODEL": "org/model", "JOB_DATA": "d.jsonl", "JOB_OUTPUT": "out"}
+    inputs, models = preflight.Inputs(train=[], eval=[]), {"base_model": {"repo_id": "org/model"}, "adapter": None}
+    default, original = (preflight.identity(load_settings({**env, **extra}), inputs, models)
+                         for extra in ({}, {"JOB_MERGE__BASE": "original"}))
+    assert "merge" not in default["config"] and default["sha256"] == original["sha256"]
