@@ -218,3 +218,43 @@ def test_dora_keeps_peft_forward(tiny_model):
         layer.lora_variant = {}  # blind the per-call guard: what the lean path alone computes for a DoRA layer
     forced, reference = _logits(dora, ids), _logits(peft_model, ids)
     assert (forced - reference).abs().max() > 0.1 * reference.abs().max()
+
+
+@pytest.mark.parametrize("optim", ["auto", "adamw_torch_fused"])
+def test_loraplus_gives_b_its_learning_rate_through_the_trainer(tiny_model, tmp_path, optim):
+    """JOB_TRAIN__LORAPLUS_LR_RATIO: the trainer's optimizer is PEFT's create_loraplus_optimizer over JOB_TRAIN__OPTIM's
+    optimizer class: every lora_A at LEARNING_RATE, every lora_B at ratio x LEARNING_RATE, and the scheduler keeps the
+    ratio. Control: without it, transformers' one learning rate for all."""
+    import torch
+    from conftest import tokenized
+
+    from job.model import load_base_model, load_tokenizer
+    from job.settings import load_settings
+    from job.stages import sft
+
+    record = {"prompt": [{"role": "user", "content": "日本の首都は？"}], "completion": [{"role": "assistant", "content": "東京です。"}]}
+    base = {"JOB_STAGE": "sft", "JOB_BASE_MODEL": str(tiny_model), "JOB_DATA": str(tmp_path), "JOB_OUTPUT": str(tmp_path / "o"),
+            "JOB_WORKDIR": str(tmp_path / "w"), "JOB_TRAIN__SAVE_STEPS": "0", "JOB_TRAIN__OPTIM": optim,
+            "JOB_TRAIN__LEARNING_RATE": "1e-4", "JOB_TRAIN__WEIGHT_DECAY": "0.01"}
+    tok, _ = load_tokenizer(tiny_model, None, "auto")
+    for ratio in ("16", None):
+        s = load_settings({**base, **({"JOB_TRAIN__LORAPLUS_LR_RATIO": ratio} if ratio else {})})
+        trainer = sft.build_trainer(s, load_base_model(tiny_model, s), tok, tokenized(tok, "sft", [record] * 2, 128), None,
+                                    tmp_path / "ck", [], progress_bar=False)
+        trainer.create_optimizer_and_scheduler(num_training_steps=10)
+        names = {id(p): n for n, p in trainer.model.named_parameters() if p.requires_grad}
+        lrs = {names[id(p)]: g["initial_lr"] for g in trainer.optimizer.param_groups for p in g["params"]}  # before warmup
+        assert sorted(lrs) == sorted(names.values()) and len(lrs) == 28  # every trainable weight, once
+        a = {v for n, v in lrs.items() if ".lora_A." in n}
+        b = {v for n, v in lrs.items() if ".lora_B." in n}
+        assert type(trainer.optimizer).__name__ == "AdamW"
+        assert trainer.optimizer.defaults.get("fused") is (True if optim.endswith("fused") else None)
+        if ratio is None:
+            assert a == b == {1e-4}
+            continue
+        assert a == {1e-4} and b == {16e-4}
+        assert {g["weight_decay"] for g in trainer.optimizer.param_groups if g["params"]} == {0.01}
+        trainer.lr_scheduler.step()
+        a_lr, b_lr = (next(g["lr"] for g in trainer.optimizer.param_groups if g["params"] and part in names[id(g["params"][0])])
+                      for part in (".lora_A.", ".lora_B."))
+        assert 0 < a_lr and b_lr == pytest.approx(16 * a_lr)
