@@ -132,6 +132,8 @@ def make_trainer(trainer_cls, s: JobSettings, model, args, tokenizer, train_rows
                 raise ConfigError(f"JOB_TRAIN__LORAPLUS_LR_RATIO: JOB_TRAIN__OPTIM={self.args.optim} chooses its own "
                                   "parameter groups, so LoRA+ can't set B's learning rate; use an Adam-like optimizer")
             kwargs = dict(kwargs)
+            log.info("LoRA+: B matrices at %g x the learning rate (JOB_TRAIN__LORAPLUS_LR_RATIO), %s", ratio,
+                     optimizer_cls.__name__)
             self.optimizer = create_loraplus_optimizer(opt_model, optimizer_cls, lr=kwargs.pop("lr", self.args.learning_rate),
                                                        loraplus_lr_ratio=ratio, loraplus_weight_decay=self.args.weight_decay,
                                                        **kwargs)
