@@ -81,7 +81,7 @@ class LoraSettings(_Group):
 
     @model_validator(mode="after")
     def _typed_extras(self) -> LoraSettings:
-        # PeFT fields as values of their LoraConfig types, so that the printed config and the run identity say `true`
+        # PEFT fields as values of their LoraConfig types, so that the printed config and the run identity say `true`
         # whatever the spelling; a value that does not convert stays as given, for load_settings to name.
         if self.model_extra:
             from job import lora
