@@ -176,17 +176,13 @@ def unpack_4bit(model) -> int:
     return unpacked
 
 
-def lora_config(lora: LoraSettings):
+def lora_config(lora: LoraSettings, quant: QuantSettings | None = None):
+    """PEFT's LoraConfig for JOB_LORA__* (job/lora.py maps every field; the settings were checked when they loaded)."""
     from peft import LoraConfig
 
-    return LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.modules(),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    from job.lora import config_kwargs
+
+    return LoraConfig(**config_kwargs(lora, quantized=(quant or QuantSettings()).load_in != "none"))
 
 
 def load_adapter(model, adapter_dir: Path):

@@ -271,6 +271,10 @@ def check_adapter_fits(s: JobSettings, model, adapter_dir: Path) -> None:
 def identity(s: JobSettings, inputs: Inputs, model_identity: dict) -> dict:
     config = {k: v for k, v in s.masked().items() if k not in OPERATIONAL}
     config["train"] = {k: v for k, v in config["train"].items() if k not in OPERATIONAL_TRAIN}
+    from job import lora
+
+    # LoRA variants (JOB_LORA__USE_DORA, ...) are what is trained; one set to PEFT's default is the same run as unset.
+    config["lora"] = {k: v for k, v in config["lora"].items() if k in type(s.lora).model_fields or not lora.is_default(k, v)}
     if s.stage != "dpo":
         config.pop("dpo")
     config.pop("merge", None)  # JOB_MERGE__* concerns a later merge of the adapter, not what this run trains

@@ -59,7 +59,11 @@ class _Group(BaseModel):
 
 
 class LoraSettings(_Group):
-    """`JOB_LORA__*`: the LoRA adapter (ignored when `JOB_ADAPTER` continues an existing one)."""
+    """`JOB_LORA__*`: the LoRA adapter (ignored when `JOB_ADAPTER` continues an existing one). The fields below have
+    the job's defaults and short names; any other field of PEFT's LoraConfig can be set by its name, e.g.
+    `JOB_LORA__USE_RSLORA=true`, `JOB_LORA__USE_DORA=true`, `JOB_LORA__INIT_LORA_WEIGHTS=gaussian` (job/lora.py)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     r: int = Field(16, gt=0)
     alpha: int = Field(32, gt=0)
@@ -74,6 +78,20 @@ class LoraSettings(_Group):
         if not names:
             raise ValueError("must name at least one module, or be 'all-linear'")
         return ",".join(names)
+
+    @model_validator(mode="after")
+    def _typed_extras(self) -> LoraSettings:
+        # PEFT fields as values of their LoraConfig types, so that the printed config and the run identity say `true`
+        # whatever the spelling; a value that does not convert stays as given, for load_settings to name.
+        if self.model_extra:
+            from job import lora
+
+            for name, raw in list(self.model_extra.items()):
+                try:
+                    self.model_extra[name] = lora.coerce(name, raw)
+                except ValueError:
+                    pass
+        return self
 
     def modules(self) -> str | list[str]:
         return "all-linear" if self.target_modules == "all-linear" else self.target_modules.split(",")
@@ -131,6 +149,10 @@ class TrainSettings(_Group):
     #: `auto`: fused AdamW on a GPU (LoRA's optimizer state is small), plain AdamW on CPU. Any transformers name works,
     #: e.g. `paged_adamw_8bit` for the low-memory setting.
     optim: str = "auto"
+    #: LoRA+ (PEFT's create_loraplus_optimizer): LoRA's B matrices learn at this many times LEARNING_RATE, A at
+    #: LEARNING_RATE (the LoRA+ paper suggests 16, with a learning rate about half of plain LoRA's). Unset: one learning
+    #: rate for both. With OPTIM's optimizer, whichever it is. A job setting: TRL has no such field.
+    loraplus_lr_ratio: float | None = Field(None, gt=0)
     seed: int = 42
     logging_steps: int = Field(10, gt=0)
     #: Steps between uploaded checkpoints (the unit of work a spot reclaim can lose); 0 turns them off.
@@ -361,7 +383,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> JobSettings:
     known = _known_env_names()
     problems: list[str] = []
     trl_names: list[tuple[str, str, str]] = []  # (variable, group, field) in JOB_TRAIN__/JOB_DPO__ beyond our fields
+    lora_names: list[tuple[str, str]] = []  # (variable, field) in JOB_LORA__ beyond our fields: PEFT's LoraConfig's?
     for name in sorted(k for k in env if k.upper().startswith(PREFIX)):
+        if name.upper().startswith(f"{PREFIX}LORA{DELIM}") and name.upper() not in known:
+            lora_names.append((name, name[len(f"{PREFIX}LORA{DELIM}"):].lower()))
+            continue
         group = next((g for g in OPEN_GROUPS if name.upper().startswith(f"{PREFIX}{g}{DELIM}".upper())), None)
         if group:
             if name.upper() not in known:  # maybe a field of TRL's config: checked against it below
@@ -389,15 +415,16 @@ def load_settings(environ: Mapping[str, str] | None = None) -> JobSettings:
         _environ.reset(token)
     # Every JOB_TRAIN__*/JOB_DPO__* value through TRL's own config classes, now, not after the downloads: the names
     # at once with the problems above (importing TRL costs seconds: only when there are such names), then the values.
-    from job import trainargs
+    from job import lora, trainargs
 
+    problems += lora.name_problems(lora_names)
     if trl_names:
         stage = str(env.get(f"{PREFIX}STAGE", "")).strip().lower()
         problems += trainargs.name_problems(trl_names, stage if stage in ("sft", "dpo") else None)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     assert settings is not None
-    problems = trainargs.problems(settings)
+    problems = lora.problems(settings) + trainargs.problems(settings)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     return settings

@@ -40,6 +40,9 @@ def test_a_run_id_means_one_stage_config_data_and_model(env, tmp_path):
         "another stage": ({"JOB_STAGE": "dpo", "JOB_DATA": str(DEMO_DATA / "dpo.csv")}, "JOB_STAGE sft -> dpo"),
         "another config": ({"JOB_TRAIN__LEARNING_RATE": "1e-3"}, "JOB_TRAIN__LEARNING_RATE 0.0002 -> 0.001"),
         "another LoRA rank": ({"JOB_LORA__R": "8"}, "JOB_LORA__R 16 -> 8"),
+        "another LoRA variant": ({"JOB_LORA__USE_DORA": "true"}, "JOB_LORA__USE_DORA None -> True"),
+        "another LoRA init": ({"JOB_LORA__INIT_LORA_WEIGHTS": "gaussian"}, "JOB_LORA__INIT_LORA_WEIGHTS None -> 'gaussian'"),
+        "LoRA+": ({"JOB_TRAIN__LORAPLUS_LR_RATIO": "16"}, "JOB_TRAIN__LORAPLUS_LR_RATIO None -> 16.0"),
     }
     for what, (change, says) in refused.items():
         r = run_job({**env, **change})
@@ -55,7 +58,8 @@ def test_a_run_id_means_one_stage_config_data_and_model(env, tmp_path):
     # Operational settings may change between attempts of one run: the identity ignores them.
     (tmp_path / "sft.jsonl").write_text(original, encoding="utf-8")
     r = run_job({**env, "JOB_TRAIN__LOGGING_STEPS": "1", "JOB_TRAIN__SAVE_STEPS": "7", "JOB_WORKDIR": str(tmp_path / "w2"),
-                 "JOB_TRAIN__MERGE_MICRO_BATCHES": "true"})  # how a step is split, not what it computes
+                 "JOB_TRAIN__MERGE_MICRO_BATCHES": "true",  # how a step is split, not what it computes
+                 "JOB_LORA__USE_RSLORA": "false", "JOB_LORA__INIT_LORA_WEIGHTS": "true"})  # PEFT's defaults: the same run
     assert r.returncode == 0 and "already succeeded" in r.stderr
 
     # The documented override: start over with the new data.

@@ -120,3 +120,59 @@ def test_any_field_of_the_stages_trl_config_can_be_set_by_name():
     s = load_settings({**BASE, "JOB_STAGE": "dpo", "JOB_DPO__PRECOMPUTE_REF_LOG_PROBS": "true", "JOB_DPO__BETA": "0.3"})
     args = trainargs.build(s, trainargs.Runtime())
     assert args.precompute_ref_log_probs is True and args.beta == 0.3 and args.loss_type == ["sigmoid"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"JOB_LORA__USE_DORRA": "true"}, "JOB_LORA__USE_DORRA: unknown variable: not a LoRA setting or a field of PEFT's "
+                                      "LoraConfig (did you mean JOB_LORA__USE_DORA?)"),
+    ({"JOB_LORA__ALPHAA": "8"}, "(did you mean JOB_LORA__ALPHA?)"),
+    ({"JOB_LORA__LORA_ALPHA": "8"}, "JOB_LORA__LORA_ALPHA: set by the job; use JOB_LORA__ALPHA"),
+    ({"JOB_LORA__TASK_TYPE": "SEQ_CLS"}, "JOB_LORA__TASK_TYPE: set by the job"),
+    ({"JOB_LORA__USE_RSLORA": "maybe"}, "JOB_LORA__USE_RSLORA: invalid value 'maybe'"),
+    ({"JOB_LORA__BIAS": "lora"}, "JOB_LORA__BIAS: invalid value 'lora' (one of 'none', 'all', 'lora_only')"),
+    ({"JOB_LORA__INIT_LORA_WEIGHTS": "gauss"}, "JOB_LORA__INIT_LORA_WEIGHTS: invalid value 'gauss' (one of 'gaussian',"),
+    ({"JOB_LORA__INIT_LORA_WEIGHTS": "pissa"}, "JOB_LORA__INIT_LORA_WEIGHTS=pissa: not supported: it starts from the base"),
+    ({"JOB_LORA__INIT_LORA_WEIGHTS": "olora"}, "JOB_LORA__INIT_LORA_WEIGHTS=olora: not supported"),
+    ({"JOB_LORA__INIT_LORA_WEIGHTS": "mica"}, "JOB_LORA__INIT_LORA_WEIGHTS=mica: not supported: it reads the base"),
+    ({"JOB_LORA__INIT_LORA_WEIGHTS": "orthogonal", "JOB_LORA__R": "5"}, "needs an even rank (JOB_LORA__R=5)"),
+    # PEFT's own __post_init__ refuses it; the message names the variable.
+    ({"JOB_LORA__LAYERS_TO_TRANSFORM": "0"}, "JOB_LORA__LAYERS_TO_TRANSFORM: PEFT's LoraConfig refused it: "
+                                             "`layers_to_transform` cannot be used when `target_modules` is a str"),
+    ({"JOB_TRAIN__LORAPLUS_LR_RATIO": "0"}, "JOB_TRAIN__LORAPLUS_LR_RATIO: Input should be greater than 0"),
+])
+def test_lora_values_go_through_peft_own_config(extra, message):
+    with pytest.raises(ConfigError) as e:
+        load_settings({**BASE, **extra})
+    assert message in str(e.value)
+
+
+def test_any_field_of_peft_lora_config_can_be_set_by_name():
+    """JOB_LORA__<FIELD> for any LoraConfig field, converted to PEFT's type (so the printed config and the run identity
+    say `true` whatever the spelling); the job's short names stay."""
+    from job.model import lora_config
+
+    s = load_settings({**BASE, "JOB_LORA__R": "8", "JOB_LORA__ALPHA": "16", "JOB_LORA__USE_RSLORA": "1",
+                       "JOB_LORA__USE_DORA": "yes", "JOB_LORA__INIT_LORA_WEIGHTS": "gaussian",
+                       "JOB_LORA__RANK_PATTERN": '{"q_proj": 4}', "JOB_LORA__EXCLUDE_MODULES": "lm_head,o_proj"})
+    c = lora_config(s.lora)
+    assert (c.r, c.lora_alpha, c.lora_dropout, c.target_modules) == (8, 16, 0.05, "all-linear")
+    assert c.use_rslora is True and c.use_dora is True and c.init_lora_weights == "gaussian"
+    assert c.rank_pattern == {"q_proj": 4} and set(c.exclude_modules) == {"lm_head", "o_proj"}
+    assert s.masked()["lora"]["use_rslora"] is True
+    # On a 16-bit base only the inits that read packed 4-bit weights become possible; the residual-changing ones never.
+    assert lora_config(load_settings({**BASE, "JOB_QUANT__LOAD_IN": "none", "JOB_LORA__INIT_LORA_WEIGHTS": "mica"}).lora,
+                       load_settings({**BASE, "JOB_QUANT__LOAD_IN": "none"}).quant).init_lora_weights == "mica"
+    with pytest.raises(ConfigError, match="INIT_LORA_WEIGHTS=pissa: not supported"):
+        load_settings({**BASE, "JOB_QUANT__LOAD_IN": "none", "JOB_LORA__INIT_LORA_WEIGHTS": "pissa"})
+
+
+def test_loraplus_ratio_is_a_job_setting_not_a_trl_field():
+    """JOB_TRAIN__LORAPLUS_LR_RATIO is the job's (PEFT's create_loraplus_optimizer); TRL has no field of that name, so it
+    is never passed to SFTConfig/DPOConfig under another meaning."""
+    from trl import DPOConfig, SFTConfig
+
+    from job import trainargs
+
+    assert all("loraplus_lr_ratio" not in trainargs._fields(c) for c in (SFTConfig, DPOConfig))
+    s = load_settings({**BASE, "JOB_TRAIN__LORAPLUS_LR_RATIO": "16"})
+    assert s.train.loraplus_lr_ratio == 16.0 and "loraplus_lr_ratio" not in trainargs.build_kwargs(s, trainargs.Runtime())

@@ -31,6 +31,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import facts as F  # noqa: E402
 
+#: tests/test_learning.py's model: two layers of 128 (its docstring says why the init is 0.125).
+CPU_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                 initializer_range=0.125)
+
 
 def prepare(work: Path, n_facts: int, shape: dict, *, vocab_size: int | None = None, device: str = "cpu",
             dtype: str = "float32", seed: int = 0) -> dict:
@@ -126,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     from synth import SHAPES, VOCAB_SIZE
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="1.8b", choices=sorted(SHAPES))
+    ap.add_argument("--shape", default="1.8b", choices=sorted([*SHAPES, "cpu"]), help="cpu: tests/test_learning.py's")
     ap.add_argument("--facts", type=int, default=256)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--work", type=Path, default=Path("/tmp/learn"))
@@ -141,11 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sft-deadline-s", type=float, default=340, help="stop SFT runs still going this long after the start")
     ap.add_argument("--deadline-s", type=float, default=480, help="stop DPO runs still going this long after the start")
     ap.add_argument("--set", action="append", default=[], metavar="JOB_X=V", help="any other JOB_ setting, for both stages")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:JOB_X=V,JOB_Y=W",
+                    help="SFT runs of this LoRA variant (one per --sft-lr, run one after another), instead of the SFT+DPO plan")
     a = ap.parse_args(argv)
 
     t0 = time.monotonic()
     a.out.mkdir(parents=True, exist_ok=True)
-    p = prepare(a.work, a.facts, SHAPES[a.shape], vocab_size=VOCAB_SIZE if a.shape != "tiny" else None,
+    p = prepare(a.work, a.facts, CPU_SHAPE if a.shape == "cpu" else SHAPES[a.shape],
+                vocab_size=VOCAB_SIZE if a.shape not in ("tiny", "cpu") else None,
                 device=a.device, dtype="bfloat16" if a.device == "cuda" else "float32")
     base = {k: v for k, v in os.environ.items() if not k.startswith("JOB_")}
     base.update({"JOB_LOG_FORMAT": "json", "JOB_EVAL_MAX_NEW_TOKENS": a.max_new_tokens, **dict(s.split("=", 1) for s in a.set)})
@@ -180,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                 (a.out / f"{name}-{f}").write_bytes((runs / best / f).read_bytes())
         return best
 
+    if a.variant:
+        return variants(a, p, base, runs, logs, result, t0)
     best_sft = stage("sft", a.sft_lr, a.sft_epochs, t0 + a.sft_deadline_s, lambda run_id, **s: sft_env(base, p, runs, run_id, **s))
     if best_sft:
         sft_lr = float(result["sft"][best_sft]["settings"]["JOB_TRAIN__LEARNING_RATE"])
@@ -199,6 +208,29 @@ def main(argv: list[str] | None = None) -> int:
             print(run_id, {k: v.get(k) for k in ("exit_code", "wall_s", "steps", "exact_match_before", "exact_and_stopped_after",
                                                    "eval_reward_accuracy", "train_loss_last")})
     return 0 if result.get("dpo_best") else 1
+
+
+def variants(a, p: dict, base: dict, runs: Path, logs: Path, result: dict, t0: float) -> int:
+    """--variant: SFT of each LoRA variant at each --sft-lr, one run at a time (a CPU has no room for several), each
+    scored like the plan's runs; learn.json holds every run under `variants`."""
+    result["variants"] = {}
+    for spec in a.variant:
+        name, _, sets = spec.partition(":")
+        extra = dict(kv.split("=", 1) for kv in sets.split(",") if kv)
+        for lr in a.sft_lr.split(","):
+            run_id = f"sft-{name}-lr{lr}"
+            env = sft_env(base, p, runs, run_id, JOB_WORKDIR=str(a.work / "job" / run_id), JOB_TRAIN__NUM_TRAIN_EPOCHS=a.sft_epochs,
+                          JOB_TRAIN__LEARNING_RATE=lr, **extra)
+            status = wait_all({run_id: start_job(env, logs / f"{run_id}.log")}, time.monotonic() + a.sft_deadline_s)[run_id]
+            row = {"variant": name, "settings": {k: v for k, v in env.items() if k.startswith("JOB_") and k != "JOB_WORKDIR"}, **status}
+            if status["exit_code"] == 0:
+                row.update(score(runs / run_id))
+            result["variants"][run_id] = row
+            print(run_id, {k: row.get(k) for k in ("exit_code", "wall_s", "steps", "exact_and_stopped_after", "train_loss_last")},
+                  flush=True)
+    result["total_s"] = round(time.monotonic() - t0, 1)
+    (a.out / "learn.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    return 0 if all(r["exit_code"] == 0 for r in result["variants"].values()) else 1
 
 
 if __name__ == "__main__":

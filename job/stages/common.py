@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from job import fastpaths, lora, offload, padfree
+from job.errors import ConfigError
 from job.settings import JobSettings
 
 log = logging.getLogger("job")
@@ -116,6 +117,28 @@ def make_trainer(trainer_cls, s: JobSettings, model, args, tokenizer, train_rows
                 if p.requires_grad and p.dtype != torch.float32:
                     p.data = p.data.to(torch.float32)
 
+        def create_optimizer(self, model=None):
+            # LoRA+ (JOB_TRAIN__LORAPLUS_LR_RATIO): the optimizer JOB_TRAIN__OPTIM names, with PEFT's parameter groups
+            # (B at ratio x the learning rate); the scheduler scales every group's rate alike.
+            ratio = s.train.loraplus_lr_ratio
+            if ratio is None or self.optimizer is not None:
+                return super().create_optimizer(model)
+            from peft.optimizers import create_loraplus_optimizer
+            from transformers.trainer_optimizer import is_optimizer_factory
+
+            opt_model = self.model if model is None else model
+            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            if is_optimizer_factory(optimizer_cls) or {"params", "model", "optimizer_dict"} & set(kwargs):
+                raise ConfigError(f"JOB_TRAIN__LORAPLUS_LR_RATIO: JOB_TRAIN__OPTIM={self.args.optim} chooses its own "
+                                  "parameter groups, so LoRA+ can't set B's learning rate; use an Adam-like optimizer")
+            kwargs = dict(kwargs)
+            log.info("LoRA+: B matrices at %g x the learning rate (JOB_TRAIN__LORAPLUS_LR_RATIO), %s", ratio,
+                     optimizer_cls.__name__)
+            self.optimizer = create_loraplus_optimizer(opt_model, optimizer_cls, lr=kwargs.pop("lr", self.args.learning_rate),
+                                                       loraplus_lr_ratio=ratio, loraplus_weight_decay=self.args.weight_decay,
+                                                       **kwargs)
+            return self.optimizer
+
         def _run_epoch(self, *args, **kwargs):
             # transformers checks the step budget only after a step: resumed from a checkpoint already at the end (the
             # final checkpoint of a run stopped during its final upload), it would train one step more than asked.
@@ -125,7 +148,7 @@ def make_trainer(trainer_cls, s: JobSettings, model, args, tokenizer, train_rows
             return super()._run_epoch(*args, **kwargs)
 
     # A PeftModel (JOB_ADAPTER) keeps training its adapter (DPO: TRL copies it into a frozen "ref" adapter).
-    peft_config = None if hasattr(model, "peft_config") else lora_config(s.lora)
+    peft_config = None if hasattr(model, "peft_config") else lora_config(s.lora, s.quant)
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
                       eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None, processing_class=tokenizer,
                       peft_config=peft_config, callbacks=callbacks)
@@ -152,8 +175,11 @@ def make_trainer(trainer_cls, s: JobSettings, model, args, tokenizer, train_rows
             if m is not None:
                 padfree.install(m)
     lean = lora.make_lean(trainer.model) if lora.LEAN else 0
-    fast.set("lean_lora", lean > 0, f"{lean} of {len(lora.lora_layers(trainer.model))} LoRA layers (the rest: PEFT's forward)"
-             if lora.LEAN else "switched off (bench)")
+    applies = [lora.lean_forward_applies(c) for c in (getattr(trainer.model, "peft_config", None) or {}).values()]
+    why = next((why for ok, why in applies if not ok), None) or (
+        f"{lean} of {len(lora.lora_layers(trainer.model))} LoRA layers ({applies[0][1] if applies else 'plain LoRA'}); "
+        "PEFT's forward where the call is not the training one (no autocast, adapters off)")
+    fast.set("lean_lora", lean > 0, why if lora.LEAN else "switched off (bench)")
     fast.set("dequantized_copy", keep_dequantized, "the memory plan: " + (
         f"{trainer.job_dequantized_gib} GiB" if keep_dequantized else "not kept"))
     fast.set("offloaded_checkpoints", trainer.job_offload, "JOB_TRAIN__OFFLOAD_CHECKPOINTS with checkpointing on a GPU"
