@@ -55,7 +55,8 @@ AutoTrueFalse = Annotated[Literal["auto", "true", "false"], BeforeValidator(_aut
 
 
 class _Group(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are refused everywhere: `JOB_TRAIN__LEARNING_RATE=inf` would train NaN weights, not fail.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class LoraSettings(_Group):
@@ -105,7 +106,7 @@ class TrainSettings(_Group):
     """`JOB_TRAIN__*`: passed to TRL's SFTConfig/DPOConfig under the same (transformers/TRL) names. The fields below
     have the job's defaults; any other field of the stage's TRL config can be set by its name (job/trainargs.py)."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
 
     learning_rate: float = Field(2e-4, gt=0)
     num_train_epochs: float = Field(1.0, gt=0)
@@ -124,7 +125,8 @@ class TrainSettings(_Group):
     #: a base model's tokenizer): it becomes the tokenizer's EOS, is trained at the end of every answer, and is what
     #: generation must stop on. TRL's `eos_token`.
     eos_token: str | None = None
-    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    #: Share of the total steps the learning rate warms up over, below 1 (for a number of steps, WARMUP_STEPS).
+    warmup_ratio: float = Field(0.03, ge=0)
     lr_scheduler_type: str = "cosine"
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -166,6 +168,15 @@ class TrainSettings(_Group):
     #: bf16 autocast for the trainable parts; `auto` = on when the GPU supports it.
     bf16: Literal["auto", "true", "false"] = "auto"
 
+    @field_validator("warmup_ratio")
+    @classmethod
+    def _warmup_ratio(cls, v: float) -> float:
+        # It is passed on as transformers' warmup_steps, which reads a value >= 1 as a number of steps.
+        if v >= 1:
+            raise ValueError("must be below 1 (a share of the total steps); for a number of warm-up steps set "
+                             "JOB_TRAIN__WARMUP_STEPS instead")
+        return v
+
     @field_validator("report_to")
     @classmethod
     def _report_to(cls, v: str) -> str:
@@ -175,7 +186,7 @@ class TrainSettings(_Group):
 class DpoSettings(_Group):
     """`JOB_DPO__*`: DPO-only settings (TRL names); any other field of TRL's DPOConfig can be set by its name."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
 
     beta: float = Field(0.1, gt=0)
     loss_type: str = "sigmoid"
@@ -191,6 +202,18 @@ class ColumnSettings(_Group):
     chosen: str | None = None
     rejected: str | None = None
 
+    @model_validator(mode="after")
+    def _distinct(self) -> ColumnSettings:
+        # Two roles on one column train the answer on itself (prompt = completion) or prefer an answer to itself.
+        roles: dict[str, list[str]] = {}
+        for role, column in self:
+            if column is not None:
+                roles.setdefault(column, []).append(f"{PREFIX}COLUMNS{DELIM}{role.upper()}")
+        same = [f"{' and '.join(names)} both name column {column!r}" for column, names in roles.items() if len(names) > 1]
+        if same:
+            raise ValueError("; ".join(same) + ": each role needs a column of its own")
+        return self
+
 
 class JobSettings(BaseSettings):
     """All of a run's settings. Required variables have no default."""
@@ -202,6 +225,7 @@ class JobSettings(BaseSettings):
         extra="forbid",
         validate_default=True,
         env_ignore_empty=True,
+        allow_inf_nan=False,
     )
 
     #: `merge`: JOB_ADAPTER merged into JOB_BASE_MODEL loaded in 16 bits (job/stages/merge.py); it reads no data.

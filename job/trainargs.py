@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import re
 import types
 import typing
@@ -152,6 +153,8 @@ def stage_kwargs(s, stage: str | None = None) -> dict:
                 raise ValueError(problem)
             try:
                 out[name] = _coerce(fields[name], raw)
+                if isinstance(out[name], float) and not math.isfinite(out[name]):
+                    raise ValueError("not a finite number")
             except Exception as exc:
                 errors = getattr(exc, "errors", None)
                 msg = errors()[0]["msg"] if callable(errors) else _message(exc)

@@ -120,3 +120,50 @@ def test_any_field_of_the_stages_trl_config_can_be_set_by_name():
     s = load_settings({**BASE, "JOB_STAGE": "dpo", "JOB_DPO__PRECOMPUTE_REF_LOG_PROBS": "true", "JOB_DPO__BETA": "0.3"})
     args = trainargs.build(s, trainargs.Runtime())
     assert args.precompute_ref_log_probs is True and args.beta == 0.3 and args.loss_type == ["sigmoid"]
+
+
+URI_SETTINGS = ("JOB_BASE_MODEL", "JOB_DATA", "JOB_EVAL_DATA", "JOB_EVAL_PROMPTS", "JOB_ADAPTER", "JOB_OUTPUT")
+
+
+@pytest.mark.parametrize("name", URI_SETTINGS)
+@pytest.mark.parametrize("value, says", [
+    ("s3:/my-bucket/runs", "did you mean s3://my-bucket/runs?"),
+    ("S3://my-bucket/runs", "did you mean s3://my-bucket/runs?"),
+    ("hf:/org/repo", "did you mean hf://org/repo?"),
+    ("hf:org/repo", "did you mean hf://org/repo?"),
+    ("gs://my-bucket/runs", "unsupported scheme 'gs://'"),
+    ("file:///tmp/x", "unsupported scheme"),
+])
+def test_what_looks_like_a_uri_but_is_not_one_is_refused(name, value, says):
+    # Before: s3:/..., hf:/... became local relative folders (the run wrote to ./s3:/... and succeeded).
+    with pytest.raises(ConfigError) as e:
+        load_settings({**BASE, name: value})
+    assert f"{name}: {value!r}" in str(e.value) and says in str(e.value)
+
+
+def test_local_paths_with_a_colon_stay_possible():
+    assert load_settings({**BASE, "JOB_OUTPUT": "./runs:v1"}).output == "./runs:v1"
+
+
+@pytest.mark.parametrize("name, value", [("JOB_TRAIN__LEARNING_RATE", "inf"), ("JOB_TRAIN__LEARNING_RATE", "nan"),
+                                         ("JOB_TRAIN__MAX_GRAD_NORM", "inf"), ("JOB_LORA__DROPOUT", "nan"),
+                                         ("JOB_EVAL_FRACTION", "nan"), ("JOB_DPO__BETA", "inf"),
+                                         ("JOB_TRAIN__ADAM_EPSILON", "nan")])  # a TRL field beyond the job's own
+def test_non_finite_numbers_are_refused(name, value):
+    with pytest.raises(ConfigError, match=rf"{name}: .*finite"):
+        load_settings({**BASE, "JOB_STAGE": "dpo" if "DPO" in name else "sft", name: value})
+
+
+def test_warmup_ratio_of_one_or_more_points_at_warmup_steps():
+    # transformers reads warmup values >= 1 as a number of steps: RATIO=1 was one warm-up step.
+    with pytest.raises(ConfigError, match=r"JOB_TRAIN__WARMUP_RATIO: must be below 1.*JOB_TRAIN__WARMUP_STEPS"):
+        load_settings({**BASE, "JOB_TRAIN__WARMUP_RATIO": "1"})
+    assert load_settings({**BASE, "JOB_TRAIN__WARMUP_RATIO": "0.5"}).train.warmup_ratio == 0.5
+
+
+def test_two_column_roles_on_one_column_are_refused():
+    with pytest.raises(ConfigError, match=r"JOB_COLUMNS__PROMPT and JOB_COLUMNS__COMPLETION both name column 'output'"):
+        load_settings({**BASE, "JOB_COLUMNS__PROMPT": "output", "JOB_COLUMNS__COMPLETION": "output"})
+    with pytest.raises(ConfigError, match=r"JOB_COLUMNS__CHOSEN and JOB_COLUMNS__REJECTED both name column 'a'"):
+        load_settings({**BASE, "JOB_STAGE": "dpo", "JOB_COLUMNS__CHOSEN": "a", "JOB_COLUMNS__REJECTED": "a"})
+    load_settings({**BASE, "JOB_COLUMNS__PROMPT": "q", "JOB_COLUMNS__COMPLETION": "a"})
