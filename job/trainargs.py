@@ -191,6 +191,9 @@ def build_kwargs(s, rt: Runtime) -> dict:
         bf16=bf16,
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        # A NaN or infinite step loss is logged as such (job/divergence.py ends the run on it), not averaged away:
+        # transformers' filter showed a run whose every loss was NaN as loss 0.0.
+        logging_nan_inf_filter=False,
         report_to=[] if t.report_to == "none" else t.report_to.split(","),
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
