@@ -36,7 +36,7 @@ IDENTITY = "identity.json"
 
 #: Settings that don't change what is trained: a rerun may change them and still continue the same run.
 OPERATIONAL = {"workdir", "log_format", "run_id", "restart", "hf_token", "output", "eval_prompts", "eval_max_new_tokens",
-               "hub_private"}
+               "hub_private", "max_over_length_share"}
 #: How a step is computed, not what it computes: a retried pod on another GPU type may choose differently.
 OPERATIONAL_TRAIN = {"save_steps", "logging_steps", "report_to", "per_device_eval_batch_size", "eval_steps",
                      "merge_micro_batches", "offload_checkpoints"}
@@ -376,7 +376,7 @@ def prepare(s: JobSettings, run_id: str, *, dry: bool = False, main: bool = True
 
     tokenizer, prompt_format = load_tokenizer(base_dir, adapter_dir, s.prompt_format, eos_token=s.train.eos_token)
     stops = sequences.stop_ids(tokenizer, base_dir)
-    policy = dict(max_length=s.train.max_length, policy=s.train.over_length, stops=stops)
+    policy = dict(max_length=s.train.max_length, policy=s.train.over_length, stops=stops, max_share=s.max_over_length_share)
     train = sequences.fit(inputs.train, s.stage, tokenizer, role="train", **policy)
     evald = sequences.fit(inputs.eval, s.stage, tokenizer, role="eval", **policy) if inputs.eval else None
 

@@ -238,6 +238,10 @@ class JobSettings(BaseSettings):
     #: Where `{run_id}/` is written: `s3://bucket/prefix`, `hf://org/repo`, or a local directory.
     output: str
     eval_data: str | None = None
+    #: The largest share of the training (or eval) examples that JOB_TRAIN__MAX_LENGTH may cut or drop
+    #: (JOB_TRAIN__OVER_LENGTH); above it the run fails before the download (exit 3), naming the lengths that would
+    #: fit. 1 allows any share.
+    max_over_length_share: float = Field(0.1, ge=0, le=1)
     #: Held-out fraction of JOB_DATA used for evaluation when JOB_EVAL_DATA is not set.
     eval_fraction: float = Field(0.0, ge=0, lt=1)
     #: Prompts answered before and after training (generations.jsonl/.md): a file or URI like JOB_DATA (a prompt column,
