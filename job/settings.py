@@ -60,10 +60,11 @@ class _Group(BaseModel):
 
 
 class LoraSettings(_Group):
-    """`JOB_LORA__*`: the LoRA adapter (ignored when `JOB_ADAPTER` continues an existing one)."""
+    """`JOB_LORA__*`: the LoRA adapter (ignored when `JOB_ADAPTER` continues an existing one: a warning says so)."""
 
     r: int = Field(16, gt=0)
     alpha: int = Field(32, gt=0)
+    #: SFT only, in effect: DPO turns every dropout off (TRL's disable_dropout), so it is no part of a DPO run's identity.
     dropout: float = Field(0.05, ge=0, lt=1)
     #: Comma-separated module names, or `all-linear` (every linear layer except the output head).
     target_modules: str = "all-linear"
@@ -161,7 +162,8 @@ class TrainSettings(_Group):
     #: stage. `false`: exactly as set. Not part of the run identity (how, not what, is trained): a pod that resumes on
     #: another GPU may split steps differently. Measured on an H200, 13B SFT: bench/NOTES.md.
     merge_micro_batches: AutoTrueFalse = "auto"
-    #: SFT only: pack several examples into one row (no attention across examples; padding-free).
+    #: SFT: pack several examples into one row (no attention across examples; padding-free). DPO: run each
+    #: micro-batch's rows as one row without padding (job/padfree.py). Either way no padding is computed.
     packing: bool = True
     #: Use Liger's fused kernels (fused linear cross-entropy) when the package is installed and a GPU is present.
     use_liger_kernel: bool = True
@@ -255,6 +257,10 @@ class JobSettings(BaseSettings):
     #: Discard what an earlier run with this JOB_RUN_ID left (checkpoints, outputs, its recorded identity) and start over.
     #: Without it, a run id already used for another stage, config or data is refused (exit 2).
     restart: bool = False
+    #: With JOB_RESTART=true: start over once for this key, not on every attempt. A retried attempt with the same key
+    #: (a Kubernetes pod retry: k8s/base/job.yaml sets it to the Job's uid) continues the restarted run; a new key
+    #: restarts again. Unset: every start with JOB_RESTART=true starts over.
+    restart_key: str | None = None
     #: `auto`: the model's chat template if it has one, else the `instruction` format
     #: (`### 指示\n{prompt}\n### 回答\n{answer}<eos>`). `chat_template` requires the model's template.
     prompt_format: Literal["auto", "chat_template", "instruction"] = "auto"

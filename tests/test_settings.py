@@ -90,7 +90,8 @@ def test_cli_print_config_masks_and_invalid_config_exits_2():
 def test_cli_help_lists_exit_codes():
     r = run_job(job_env(), "--help")
     assert r.returncode == 0
-    assert "--check" in r.stdout and "--print-config" in r.stdout and "75 transient" in r.stdout
+    text = " ".join(r.stdout.split())  # argparse wraps the epilog wherever the width falls
+    assert "--check" in text and "--print-config" in text and "6 diverged" in text and "75 transient" in text
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -167,3 +168,60 @@ def test_two_column_roles_on_one_column_are_refused():
     with pytest.raises(ConfigError, match=r"JOB_COLUMNS__CHOSEN and JOB_COLUMNS__REJECTED both name column 'a'"):
         load_settings({**BASE, "JOB_STAGE": "dpo", "JOB_COLUMNS__CHOSEN": "a", "JOB_COLUMNS__REJECTED": "a"})
     load_settings({**BASE, "JOB_COLUMNS__PROMPT": "q", "JOB_COLUMNS__COMPLETION": "a"})
+
+
+def test_settings_that_would_be_ignored_are_warned_about(tiny_model):
+    from job.preflight import setting_warnings
+
+    def warnings(**env):
+        return setting_warnings(load_settings({**BASE, **env}), tiny_model)
+
+    assert warnings() == []
+    [w] = warnings(JOB_ADAPTER="s3://bucket/adapter", JOB_LORA__R="64", JOB_LORA__TARGET_MODULES="q_proj")
+    assert w.startswith("JOB_LORA__R, JOB_LORA__TARGET_MODULES ignored: JOB_ADAPTER continues an existing adapter")
+    [w] = warnings(JOB_STAGE="dpo", JOB_LORA__DROPOUT="0.1")
+    assert w.startswith("JOB_LORA__DROPOUT ignored: DPO turns every dropout off")
+    assert warnings(JOB_STAGE="dpo", JOB_LORA__DROPOUT="0.1", JOB_TRAIN__DISABLE_DROPOUT="false") == []
+    assert warnings(JOB_LORA__DROPOUT="0.1") == []  # SFT uses it
+    [w] = warnings(JOB_TRAIN__MAX_LENGTH="2048")  # the tiny model has 1024 positions
+    assert "JOB_TRAIN__MAX_LENGTH=2048 is above the base model's max_position_embeddings (1024)" in w
+
+
+def test_lora_dropout_is_no_part_of_a_dpo_run_identity():
+    from job.preflight import identity
+
+    class Inputs:
+        identity = {}
+
+    models = {"base_model": {"uri": "x"}, "adapter": None}
+
+    def sha(**env):
+        return identity(load_settings({**BASE, **env}), Inputs(), models)["sha256"]
+
+    assert sha(JOB_STAGE="dpo", JOB_LORA__DROPOUT="0.1") == sha(JOB_STAGE="dpo", JOB_LORA__DROPOUT="0.2")
+    assert sha(JOB_STAGE="dpo", JOB_LORA__DROPOUT="0.1", JOB_TRAIN__DISABLE_DROPOUT="false") != \
+        sha(JOB_STAGE="dpo", JOB_LORA__DROPOUT="0.2", JOB_TRAIN__DISABLE_DROPOUT="false")
+    assert sha(JOB_LORA__DROPOUT="0.1") != sha(JOB_LORA__DROPOUT="0.2")  # SFT trains with it
+
+
+def test_check_and_the_log_warn_about_ignored_settings(tiny_model, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from conftest import DEMO_DATA
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=4, target_modules="all-linear")).save_pretrained(adapter)
+    env = job_env(JOB_BASE_MODEL=str(tiny_model), JOB_OUTPUT=str(tmp_path / "out"), JOB_WORKDIR=str(tmp_path / "w"),
+                  JOB_LOG_FORMAT="json")
+    r = run_job({**env, "JOB_STAGE": "sft", "JOB_DATA": str(DEMO_DATA / "sft.jsonl"), "JOB_ADAPTER": str(adapter),
+                 "JOB_LORA__R": "64"}, "--check")
+    assert r.returncode == 0, r.stderr[-3000:]
+    [w] = json.loads(r.stdout)["warnings"]
+    assert w.startswith("JOB_LORA__R ignored: JOB_ADAPTER continues an existing adapter") and w in r.stderr
+    r = run_job({**env, "JOB_STAGE": "dpo", "JOB_DATA": str(DEMO_DATA / "dpo.csv"), "JOB_LORA__DROPOUT": "0.1",
+                 "JOB_TRAIN__MAX_LENGTH": "2048"}, "--check")
+    assert r.returncode == 0, r.stderr[-3000:]
+    warnings = json.loads(r.stdout)["warnings"]
+    assert [w.split(" ", 1)[0] for w in warnings] == ["JOB_LORA__DROPOUT", "JOB_TRAIN__MAX_LENGTH=2048"]
+    assert all(w in r.stderr for w in warnings)
