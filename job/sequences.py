@@ -120,7 +120,11 @@ def _template_tails(tokenizer, records: list[dict], prompts: dict[int, list[int]
     prompt and the same prompt with the last message's text left empty."""
     order = sorted(prompts)
     empty = [r["prompt"][:-1] + [{**r["prompt"][-1], "content": ""}] for r in (records[i] for i in order)]
-    return {i: _common_suffix(prompts[i], e) for i, e in zip(order, _ids(tokenizer, empty, generation_prompt=True))}
+    try:
+        rendered = _ids(tokenizer, empty, generation_prompt=True)
+    except Exception:  # noqa: BLE001 - a template that refuses empty messages: only the text check below is left
+        return dict.fromkeys(order, 0)
+    return {i: _common_suffix(prompts[i], e) for i, e in zip(order, rendered)}
 
 
 def fit(records: list[dict], stage: str, tokenizer, *, max_length: int, policy: str, stops: set[int], role: str,
