@@ -136,6 +136,10 @@ CASES = [
     Case("check with most of the data longer than MAX_LENGTH", {"JOB_DATA": "{d}/mixed.jsonl", "JOB_TRAIN__MAX_LENGTH": "30"},
          ExitCode.DATA, ["10 of 30 examples (33%) are longer than JOB_TRAIN__MAX_LENGTH=30"], args=("--check",),
          files={"mixed.jsonl": MIXED}),
+    # ---- training: exit 6 ----
+    Case("learning rate that diverges", {"JOB_TRAIN__LEARNING_RATE": "1e30", "JOB_TRAIN__WARMUP_RATIO": "0",
+                                         "JOB_TRAIN__MAX_STEPS": "2", "JOB_TRAIN__LOGGING_STEPS": "1", "JOB_EVAL_PROMPTS": "none"},
+         ExitCode.DIVERGED, ["training diverged at step 2", "lower JOB_TRAIN__LEARNING_RATE (now 1e+30)"]),
     # ---- model: exit 4, named variable ----
     Case("base model folder missing", {"JOB_BASE_MODEL": "{d}/no-model"}, ExitCode.MODEL, ["JOB_BASE_MODEL:", "no-model"]),
     Case("base model without safetensors", {"JOB_BASE_MODEL": "{d}/pickled"}, ExitCode.MODEL,
