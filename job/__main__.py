@@ -7,7 +7,7 @@
     qlora-job --print-config   print the resolved configuration, secrets masked
     qlora-job demo [DIR]       SFT then DPO of a tiny model on built-in data, on CPU, in a couple of minutes
 
-Exit codes: see job/exitcodes.py (0 ok, 1 internal, 2 config, 3 data, 4 model, 5 GPU OOM, 75 transient,
+Exit codes: see job/exitcodes.py (0 ok, 1 internal, 2 config, 3 data, 4 model, 5 GPU OOM, 6 diverged, 75 transient,
 130 interrupted, 143 stopped).
 """
 

@@ -32,6 +32,12 @@ class OutOfMemory(JobError):
     exit_code = ExitCode.OOM
 
 
+class Diverged(JobError):
+    """A non-finite loss, gradient norm or adapter weight during training; the message names the step."""
+
+    exit_code = ExitCode.DIVERGED
+
+
 class TransientError(JobError):
     """Storage or network failed after the clients' own retries; running again may succeed."""
 

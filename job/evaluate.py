@@ -475,6 +475,7 @@ def summary(out: Path, remote: str, history: list[dict]) -> str:
     if m.get("train_runtime_s") is not None:
         line += f", {m['train_runtime_s']:.0f}s of training"
     lines = ["", f"qlora-job {stage} finished: {remote}", line]
+    lines += [f"  WARNING: {w}" for w in m.get("warnings") or []]  # job/divergence.py: a run that did not learn
     if m.get("generation_prompts"):
         em_b, em_a = m.get("generation_exact_match_before"), m.get("generation_exact_match_after")
         text = f"  answers to {m['generation_prompts']} prompts"

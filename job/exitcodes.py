@@ -1,7 +1,8 @@
 """Exit codes of `qlora-job`: the one definition that the README, the Kubernetes manifests and the tests use.
 
 Two families matter to whoever retries a run:
-- PERMANENT: the same inputs will fail again (bad config, bad data, a model that can't be loaded, out of memory);
+- PERMANENT: the same inputs will fail again (bad config, bad data, a model that can't be loaded, out of memory,
+  training that diverged);
   a Kubernetes Job fails at once on these (podFailurePolicy action FailJob).
 - RETRYABLE: the environment failed (storage or network error, the pod was asked to stop); a retry with the same
   run id continues from the last uploaded checkpoint.
@@ -22,6 +23,9 @@ class ExitCode(IntEnum):
     MODEL = 4
     #: Out of GPU memory with this configuration: lower the batch size or max length.
     OOM = 5
+    #: Training diverged: a loss, gradient norm or adapter weight became NaN or infinite (the message names the step);
+    #: lower JOB_TRAIN__LEARNING_RATE. The last good checkpoint is kept; nothing is marked successful.
+    DIVERGED = 6
     #: Storage or network failure after the client's own retries (S3, Hugging Face Hub): retry.
     TRANSIENT = 75  # EX_TEMPFAIL
     #: Stopped by SIGINT (Ctrl-C); a checkpoint was uploaded if training had started: rerun to continue.
@@ -30,5 +34,5 @@ class ExitCode(IntEnum):
     PREEMPTED = 143  # 128 + SIGTERM, what a killed process would report anyway
 
 
-PERMANENT = frozenset({ExitCode.CONFIG, ExitCode.DATA, ExitCode.MODEL, ExitCode.OOM})
+PERMANENT = frozenset({ExitCode.CONFIG, ExitCode.DATA, ExitCode.MODEL, ExitCode.OOM, ExitCode.DIVERGED})
 RETRYABLE = frozenset({ExitCode.TRANSIENT, ExitCode.INTERRUPTED, ExitCode.PREEMPTED})

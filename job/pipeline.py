@@ -15,11 +15,12 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from job import preflight, storage
+from job import divergence, preflight, storage
+from job.checkpoints import CheckpointCallback, StopSignal, pull_latest
 from job.distributed import first_process_per_node as _first_process_per_node
 from job.distributed import same_on_every_process as _same_on_every_process
 from job.distributed import state as _distributed_state
-from job.checkpoints import CheckpointCallback, StopSignal, pull_latest
+from job.divergence import DivergenceCallback
 from job.errors import OutOfMemory, Preempted
 from job.settings import JobSettings
 
@@ -83,6 +84,7 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
     # 5. Outputs: written locally, uploaded, then _SUCCESS last. Only one process uploads.
     if not trainer.is_world_process_zero():
         return str(remote)
+    divergence.check_weights(trainer.model, trainer.state.global_step, s.train.learning_rate)  # never publish NaN weights
     after = evaluate.generate_after(trainer, plan.tokenizer, plan.prompts, s)  # the trained adapter's answers
     outputs.write_adapter(out / "adapter", trainer.model, plan.tokenizer, plan.prompt_format,
                           base=s.base_model, data=s.data, run_id=run_id, stage=s.stage, output=s.output)
@@ -90,6 +92,9 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
     metrics = outputs.final_metrics(s.stage, trainer, result, eval_metrics, lengths={"train": plan.train.report,
                                     "eval": plan.eval.report if plan.eval else None})
     metrics.update(evaluate.write_report(out, s, trainer, plan.prompts, before, after))  # generations.*, loss.png
+    metrics["warnings"] = divergence.training_warnings(trainer.state.log_history, s.train.learning_rate)
+    for warning in metrics["warnings"]:
+        log.warning("%s", warning, extra={"fields": {"event": "training_warning"}})
     outputs.write_json(out / "metrics.json", metrics)
     outputs.write_json(out / "run.json", {
         "run_id": run_id,
@@ -182,7 +187,8 @@ def _train_once(s, plan, base_dir, stop, progress_bar, *, forced, used):
     stage = sft if s.stage == "sft" else dpo
     metrics_cb = outputs.MetricsCallback(emit=not progress_bar)
     # The checkpoint callback first: the metrics callback then sees its save decisions (a log row at every save).
-    callbacks = [CheckpointCallback(checkpoints, stop, tok), metrics_cb]
+    # The divergence check last: it checks the weights at the steps the others decided to log or save at.
+    callbacks = [CheckpointCallback(checkpoints, stop, tok), metrics_cb, DivergenceCallback(s.train.learning_rate)]
     trainer = stage.build_trainer(s, model, plan.tokenizer, plan.train.rows, plan.eval.rows if plan.eval else None,
                                   plan.workdir / "checkpoints", callbacks, progress_bar=progress_bar,
                                   checkpointing=forced["checkpointing"], keep_dequantized=forced["keep_dequantized"],

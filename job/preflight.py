@@ -24,6 +24,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from job import data, sequences, storage
@@ -33,10 +34,12 @@ from job.settings import JobSettings
 log = logging.getLogger("job")
 
 IDENTITY = "identity.json"
+#: Written after a JOB_RESTART wipe: the JOB_RESTART_KEY it was done for (see restart_wanted).
+RESTARTED = "restarted.json"
 
 #: Settings that don't change what is trained: a rerun may change them and still continue the same run.
-OPERATIONAL = {"workdir", "log_format", "run_id", "restart", "hf_token", "output", "eval_prompts", "eval_max_new_tokens",
-               "hub_private"}
+OPERATIONAL = {"workdir", "log_format", "run_id", "restart", "restart_key", "hf_token", "output", "eval_prompts",
+               "eval_max_new_tokens", "hub_private", "max_over_length_share"}
 #: How a step is computed, not what it computes: a retried pod on another GPU type may choose differently.
 OPERATIONAL_TRAIN = {"save_steps", "logging_steps", "report_to", "per_device_eval_batch_size", "eval_steps",
                      "merge_micro_batches", "offload_checkpoints"}
@@ -268,6 +271,13 @@ def check_adapter_fits(s: JobSettings, model, adapter_dir: Path) -> None:
 # ------------------------------------------------------------------------------------------------- 5. identity
 
 
+def lora_dropout_ignored(s: JobSettings) -> bool:
+    """DPO with TRL's `disable_dropout` (its default) sets every dropout of the model to 0, LoRA's included."""
+    from job import trainargs
+
+    return s.stage == "dpo" and bool(trainargs.stage_kwargs(s).get("disable_dropout", True))
+
+
 def identity(s: JobSettings, inputs: Inputs, model_identity: dict) -> dict:
     config = {k: v for k, v in s.masked().items() if k not in OPERATIONAL}
     config["train"] = {k: v for k, v in config["train"].items() if k not in OPERATIONAL_TRAIN}
@@ -278,6 +288,8 @@ def identity(s: JobSettings, inputs: Inputs, model_identity: dict) -> dict:
     if s.stage != "dpo":
         config.pop("dpo")
     config.pop("merge", None)  # JOB_MERGE__* concerns a later merge of the adapter, not what this run trains
+    if lora_dropout_ignored(s):  # a setting that changes nothing must not make a retry "another run"
+        config["lora"].pop("dropout")
     ident = {
         "stage": s.stage,
         "config": config,
@@ -329,13 +341,35 @@ def _read_json(uri: storage.Uri, tok: str | None, dest: Path) -> dict | None:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def run_state(s: JobSettings, remote: storage.Uri, ident: dict, workdir: Path, *, dry: bool) -> str:
+def restart_wanted(s: JobSettings, remote: storage.Uri, workdir: Path) -> bool:
+    """JOB_RESTART=true starts over once per JOB_RESTART_KEY: a pod retried with the same environment (a Kubernetes Job
+    whose spec says JOB_RESTART=true; the manifests set the key to the Job's uid) finds the marker the first attempt
+    wrote after its wipe and continues that attempt's run instead of discarding its checkpoints again."""
+    if not s.restart:
+        return False
+    if s.restart_key is None:
+        return True
+    marker = _read_json(remote.join(RESTARTED), token(s), workdir / "restarted")
+    if marker and marker.get("key") == s.restart_key:
+        log.info("JOB_RESTART=true already done for JOB_RESTART_KEY=%s at %s: continuing that run", s.restart_key,
+                 marker.get("restarted_at"))
+        return False
+    return True
+
+
+def run_state(s: JobSettings, remote: storage.Uri, ident: dict, workdir: Path, *, dry: bool, restart: bool) -> str:
     """new / resume / succeeded for this run id, or ConfigError when it was used for something else."""
     tok = token(s)
-    if s.restart:
+    if restart:
         if not dry:
             log.warning("JOB_RESTART=true: discarding everything stored for run %s under %s", s.run_id, remote)
             storage.delete(remote, tok)
+            if s.restart_key is not None:  # after the wipe, before anything of the new run: see restart_wanted
+                path = workdir / RESTARTED
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({"key": s.restart_key, "restarted_at": datetime.now(timezone.utc).isoformat()})
+                                + "\n", encoding="utf-8")
+                storage.push(path, remote.join(RESTARTED), tok)
         return "new"
     old = _read_json(remote.join(IDENTITY), tok, workdir / "identity")
     succeeded = storage.exists(remote.join("_SUCCESS"), tok)
@@ -350,6 +384,28 @@ def run_state(s: JobSettings, remote: storage.Uri, ident: dict, workdir: Path, *
 
 
 # ------------------------------------------------------------------------------------------------- 6. plan
+
+
+def setting_warnings(s: JobSettings, base_dir: Path) -> list[str]:
+    """Settings that are valid but would not do what they say: logged, and listed by --check."""
+    out = []
+    lora_set = sorted(s.lora.model_fields_set)
+    if s.adapter and lora_set:
+        out.append(f"{', '.join('JOB_LORA__' + n.upper() for n in lora_set)} ignored: JOB_ADAPTER continues an existing "
+                   "adapter, with its own rank, alpha, dropout and modules")
+    elif "dropout" in lora_set and lora_dropout_ignored(s):
+        out.append("JOB_LORA__DROPOUT ignored: DPO turns every dropout off (TRL's disable_dropout; set "
+                   "JOB_TRAIN__DISABLE_DROPOUT=false to keep it)")
+    try:
+        config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    positions = config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
+    if isinstance(positions, int) and s.train.max_length > positions:
+        out.append(f"JOB_TRAIN__MAX_LENGTH={s.train.max_length} is above the base model's max_position_embeddings "
+                   f"({positions}): positions past it were never trained and may give poor results")
+    return out
+
 
 
 def planned_steps(s: JobSettings, fitted: sequences.Fitted, world_size: int = 1) -> dict:
@@ -387,19 +443,24 @@ def prepare(s: JobSettings, run_id: str, *, dry: bool = False, main: bool = True
 
     tokenizer, prompt_format = load_tokenizer(base_dir, adapter_dir, s.prompt_format, eos_token=s.train.eos_token)
     stops = sequences.stop_ids(tokenizer, base_dir)
-    policy = dict(max_length=s.train.max_length, policy=s.train.over_length, stops=stops)
+    policy = dict(max_length=s.train.max_length, policy=s.train.over_length, stops=stops, max_share=s.max_over_length_share)
     train = sequences.fit(inputs.train, s.stage, tokenizer, role="train", **policy)
     evald = sequences.fit(inputs.eval, s.stage, tokenizer, role="eval", **policy) if inputs.eval else None
 
+    warnings = setting_warnings(s, base_dir)
+    for warning in warnings:
+        log.warning("%s", warning, extra={"fields": {"event": "setting_warning"}})
     ident = identity(s, inputs, model_identity)
-    state = run_state(s, remote, ident, workdir, dry=dry or not main)
+    restart = restart_wanted(s, remote, workdir)
+    state = run_state(s, remote, ident, workdir, dry=dry or not main, restart=restart)
     plan_steps = planned_steps(s, train, world_size)
     report = {
         "run_id": run_id,
         "output": str(remote),
         "run": {"new": "a new run", "resume": "continues this run id (same stage, config, data and model)",
                 "succeeded": "already succeeded: a run would do nothing"}[state]
-               + (" (JOB_RESTART=true: what is stored for it would be discarded first)" if s.restart else ""),
+               + (" (JOB_RESTART=true: what is stored for it would be discarded first)" if restart else
+                  f" (JOB_RESTART=true already done for JOB_RESTART_KEY={s.restart_key})" if s.restart else ""),
         "stage": s.stage,
         "files": inputs.files,
         "prompt_format": prompt_format,
@@ -412,6 +473,7 @@ def prepare(s: JobSettings, run_id: str, *, dry: bool = False, main: bool = True
         # Decided again with the memory plan once the model is loaded (metrics.json has the final table).
         "fast_paths": models.fast.report(),
         "inputs": {**inputs.identity, **model_identity},
+        "warnings": warnings,
     }
     log.info("plan: %d optimizer steps over %d %s (%s epochs), about %d tokens", plan_steps["steps"],
              plan_steps["rows_per_epoch"], "packed rows" if s.stage == "sft" and s.train.packing else "examples",

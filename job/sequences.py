@@ -9,10 +9,12 @@ trained part is what follows their common prefix. The job does it itself, before
   newline after `<|im_end|>`) are not trained, since generation never produces them. An answer without a stop token
   is a configuration error that names `JOB_TRAIN__EOS_TOKEN` and the token to set.
 - **Its answer is whole.** `JOB_TRAIN__OVER_LENGTH=cut_prompt` (the default) keeps the whole answer and its EOS and
-  cuts the prompt from its start (BOS kept); an example whose answer alone does not fit is dropped. `drop` drops every
-  example longer than `JOB_TRAIN__MAX_LENGTH`. DPO: both answers stay whole; the prompt is cut so that it fits with the
+  cuts the prompt from its start (BOS kept); an example is dropped when what would be left of its prompt holds no
+  text of it (the template's end, e.g. `\n### 回答\n`, is never cut). `drop` drops every example longer than
+  `JOB_TRAIN__MAX_LENGTH`. DPO: both answers stay whole; the prompt is cut so that it fits with the
   longer one. What was cut or dropped is counted and its first rows named (log, metrics.json, --check); nothing left
-  to train is a data error (exit 3) naming `JOB_TRAIN__MAX_LENGTH`.
+  to train, or more than `JOB_MAX_OVER_LENGTH_SHARE` of the examples cut or dropped, is a data error (exit 3) naming
+  `JOB_TRAIN__MAX_LENGTH` and the lengths that would keep 95% or all of them whole.
 
     >>> fitted = fit(records, "sft", tokenizer, max_length=1024, policy="cut_prompt", stops={2}, role="train")
     >>> fitted.rows[0].keys(), fitted.report["dropped"]
@@ -90,35 +92,70 @@ def _trained_part(tokenizer, ids: list[int], stops: set[int], source: str) -> li
                       f"stops on ({stop_names}): a tuned model would not stop after its answer.{hint}")
 
 
-def _cut_prompt(prompt: list[int], budget: int, bos: int | None) -> list[int] | None:
-    """The prompt cut from its start to `budget` tokens (keeping BOS); None when not even one prompt token fits."""
+def _cut_prompt(prompt: list[int], budget: int, bos: int | None, tail: int, tokenizer) -> list[int] | None:
+    """The prompt cut from its start to `budget` tokens (keeping BOS); None when what is left holds no text of the
+    prompt: the template's last `tail` tokens (what follows the prompt's text: `\n### 回答\n`, the generation prompt)
+    must stay whole, and at least one token before them must be text (a cut down to `<s>\n` trained answers to nothing)."""
     keep_bos = bool(prompt) and bos is not None and prompt[0] == bos
     room = budget - int(keep_bos)
-    if room < 1:
+    if room <= tail:
         return None
-    return ([prompt[0]] if keep_bos else []) + prompt[len(prompt) - room :] if room < len(prompt) - int(keep_bos) else prompt
+    kept = prompt[len(prompt) - room :]
+    if not tokenizer.decode(kept[: len(kept) - tail]).strip():
+        return None
+    return ([prompt[0]] if keep_bos else []) + kept if room < len(prompt) - int(keep_bos) else prompt
 
 
-def fit(records: list[dict], stage: str, tokenizer, *, max_length: int, policy: str, stops: set[int], role: str) -> Fitted:
-    """Tokenize `records` (job/data.py's normalised records) for `stage` and apply the length policy."""
-    rows, lengths = [], []
+def _common_suffix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(reversed(a), reversed(b)):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _template_tails(tokenizer, records: list[dict], prompts: dict[int, list[int]]) -> dict[int, int]:
+    """For each record index given, how many of its prompt's last tokens are template, not text: the common end of its
+    prompt and the same prompt with the last message's text left empty."""
+    order = sorted(prompts)
+    empty = [r["prompt"][:-1] + [{**r["prompt"][-1], "content": ""}] for r in (records[i] for i in order)]
+    try:
+        rendered = _ids(tokenizer, empty, generation_prompt=True)
+    except Exception:  # noqa: BLE001 - a template that refuses empty messages: only the text check below is left
+        return dict.fromkeys(order, 0)
+    return {i: _common_suffix(prompts[i], e) for i, e in zip(order, rendered)}
+
+
+def fit(records: list[dict], stage: str, tokenizer, *, max_length: int, policy: str, stops: set[int], role: str,
+        max_share: float = 1.0) -> Fitted:
+    """Tokenize `records` (job/data.py's normalised records) for `stage` and apply the length policy; more than
+    `max_share` of them cut or dropped is a DataError (JOB_MAX_OVER_LENGTH_SHARE)."""
+    rows, lengths, whole = [], [], []
     cut, dropped = [], []
     answer_min, answer_max = None, 0
     keys = ["completion"] if stage == "sft" else ["chosen", "rejected"]
     prompts = _ids(tokenizer, [r["prompt"] for r in records], generation_prompt=True)
     all_fulls = _ids(tokenizer, [r["prompt"] + r[k] for r in records for k in keys], generation_prompt=False)
+    fitted = []
     for i, r in enumerate(records):
         source = r.get("source") or f"{role} record {i + 1}"
-        prompt = prompts[i]
         fulls = all_fulls[i * len(keys) : (i + 1) * len(keys)]
-        n_prompt = min(_common_prefix(prompt, f) for f in fulls)
+        n_prompt = min(_common_prefix(prompts[i], f) for f in fulls)
         parts = [_trained_part(tokenizer, f[n_prompt:], stops, source) for f in fulls]
-        prompt = fulls[0][:n_prompt]
+        fitted.append((source, fulls[0][:n_prompt], parts))
+        whole.append(n_prompt + max(len(p) for p in parts))
+    # Only the examples to cut need to know where their prompt's text ends: one more batched call, for them alone.
+    tails = _template_tails(tokenizer, records, {i: fitted[i][1] for i, n in enumerate(whole) if n > max_length}) \
+        if policy == "cut_prompt" else {}
+    for i, (source, prompt, parts) in enumerate(fitted):
+        n_prompt = len(prompt)
         longest = max(len(p) for p in parts)
         answer_max = max(answer_max, longest)
         answer_min = longest if answer_min is None else min(answer_min, longest)
         if n_prompt + longest > max_length:
-            short = _cut_prompt(prompt, max_length - longest, tokenizer.bos_token_id) if policy == "cut_prompt" else None
+            short = _cut_prompt(prompt, max_length - longest, tokenizer.bos_token_id, tails[i], tokenizer) \
+                if policy == "cut_prompt" else None
             if short is None:
                 dropped.append(source)
                 continue
@@ -140,8 +177,11 @@ def fit(records: list[dict], stage: str, tokenizer, *, max_length: int, policy: 
         "first_dropped": dropped[:FIRST],
         "tokens": sum(lengths),
         "tokens_p50": int(statistics.median(lengths)) if lengths else 0,
-        "tokens_p95": sorted(lengths)[min(len(lengths) - 1, int(0.95 * len(lengths)))] if lengths else 0,
+        "tokens_p95": _p95(lengths),
         "tokens_max": max(lengths, default=0),
+        # Before the policy: the lengths JOB_TRAIN__MAX_LENGTH would need to keep 95% or all of the examples whole.
+        "whole_p95": _p95(whole),
+        "whole_max": max(whole, default=0),
     }
     if cut or dropped:
         log.warning("%s data: %d of %d examples longer than JOB_TRAIN__MAX_LENGTH=%d: %d had their prompt cut from the "
@@ -152,9 +192,21 @@ def fit(records: list[dict], stage: str, tokenizer, *, max_length: int, policy: 
         what = "answer" if stage == "sft" else "longer answer"
         raise DataError(f"{role} data: none of the {len(records)} examples fits JOB_TRAIN__MAX_LENGTH={max_length} "
                         f"(JOB_TRAIN__OVER_LENGTH={policy}); with its EOS the shortest {what} takes {answer_min} tokens, "
-                        f"the longest {answer_max}, and at least one prompt token must fit too. Raise JOB_TRAIN__MAX_LENGTH"
+                        f"the longest {answer_max}, and the prompt's template end and some of its text must fit too. Raise "
+                        "JOB_TRAIN__MAX_LENGTH"
                         + (" or set JOB_TRAIN__OVER_LENGTH=cut_prompt" if policy == "drop" else ""))
+    lost = len(cut) + len(dropped)
+    if lost > max_share * len(records):
+        raise DataError(f"{role} data: {lost} of {len(records)} examples ({lost / len(records):.0%}) are longer than "
+                        f"JOB_TRAIN__MAX_LENGTH={max_length}: {len(cut)} would have their prompt cut, {len(dropped)} be "
+                        f"dropped (JOB_TRAIN__OVER_LENGTH={policy}; first: {', '.join((cut + dropped)[:FIRST])}), more "
+                        f"than JOB_MAX_OVER_LENGTH_SHARE={max_share:g} allows. JOB_TRAIN__MAX_LENGTH={report['whole_p95']} "
+                        f"keeps 95% of them whole, {report['whole_max']} all of them; or raise JOB_MAX_OVER_LENGTH_SHARE")
     return Fitted(rows=rows, report=report, lengths=lengths)
+
+
+def _p95(values: list[int]) -> int:
+    return sorted(values)[min(len(values) - 1, int(0.95 * len(values)))] if values else 0
 
 
 def rendered_example(tokenizer, row: dict, stage: str) -> dict:

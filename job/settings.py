@@ -55,18 +55,20 @@ AutoTrueFalse = Annotated[Literal["auto", "true", "false"], BeforeValidator(_aut
 
 
 class _Group(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are refused everywhere: `JOB_TRAIN__LEARNING_RATE=inf` would train NaN weights, not fail.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class LoraSettings(_Group):
-    """`JOB_LORA__*`: the LoRA adapter (ignored when `JOB_ADAPTER` continues an existing one). The fields below have
-    the job's defaults and short names; any other field of PEFT's LoraConfig can be set by its name, e.g.
-    `JOB_LORA__USE_RSLORA=true`, `JOB_LORA__USE_DORA=true`, `JOB_LORA__INIT_LORA_WEIGHTS=gaussian` (job/lora.py)."""
+    """`JOB_LORA__*`: the LoRA adapter (ignored when `JOB_ADAPTER` continues an existing one: a warning says so). The
+    fields below have the job's defaults and short names; any other field of PEFT's LoraConfig can be set by its name,
+    e.g. `JOB_LORA__USE_RSLORA=true`, `JOB_LORA__USE_DORA=true`, `JOB_LORA__INIT_LORA_WEIGHTS=gaussian` (job/lora.py)."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     r: int = Field(16, gt=0)
     alpha: int = Field(32, gt=0)
+    #: SFT only, in effect: DPO turns every dropout off (TRL's disable_dropout), so it is no part of a DPO run's identity.
     dropout: float = Field(0.05, ge=0, lt=1)
     #: Comma-separated module names, or `all-linear` (every linear layer except the output head).
     target_modules: str = "all-linear"
@@ -123,7 +125,7 @@ class TrainSettings(_Group):
     """`JOB_TRAIN__*`: passed to TRL's SFTConfig/DPOConfig under the same (transformers/TRL) names. The fields below
     have the job's defaults; any other field of the stage's TRL config can be set by its name (job/trainargs.py)."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
 
     learning_rate: float = Field(2e-4, gt=0)
     num_train_epochs: float = Field(1.0, gt=0)
@@ -142,7 +144,8 @@ class TrainSettings(_Group):
     #: a base model's tokenizer): it becomes the tokenizer's EOS, is trained at the end of every answer, and is what
     #: generation must stop on. TRL's `eos_token`.
     eos_token: str | None = None
-    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    #: Share of the total steps the learning rate warms up over, below 1 (for a number of steps, WARMUP_STEPS).
+    warmup_ratio: float = Field(0.03, ge=0)
     lr_scheduler_type: str = "cosine"
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -181,12 +184,22 @@ class TrainSettings(_Group):
     #: stage. `false`: exactly as set. Not part of the run identity (how, not what, is trained): a pod that resumes on
     #: another GPU may split steps differently. Measured on an H200, 13B SFT: bench/NOTES.md.
     merge_micro_batches: AutoTrueFalse = "auto"
-    #: SFT only: pack several examples into one row (no attention across examples; padding-free).
+    #: SFT: pack several examples into one row (no attention across examples; padding-free). DPO: run each
+    #: micro-batch's rows as one row without padding (job/padfree.py). Either way no padding is computed.
     packing: bool = True
     #: Use Liger's fused kernels (fused linear cross-entropy) when the package is installed and a GPU is present.
     use_liger_kernel: bool = True
     #: bf16 autocast for the trainable parts; `auto` = on when the GPU supports it.
     bf16: Literal["auto", "true", "false"] = "auto"
+
+    @field_validator("warmup_ratio")
+    @classmethod
+    def _warmup_ratio(cls, v: float) -> float:
+        # It is passed on as transformers' warmup_steps, which reads a value >= 1 as a number of steps.
+        if v >= 1:
+            raise ValueError("must be below 1 (a share of the total steps); for a number of warm-up steps set "
+                             "JOB_TRAIN__WARMUP_STEPS instead")
+        return v
 
     @field_validator("report_to")
     @classmethod
@@ -197,7 +210,7 @@ class TrainSettings(_Group):
 class DpoSettings(_Group):
     """`JOB_DPO__*`: DPO-only settings (TRL names); any other field of TRL's DPOConfig can be set by its name."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
 
     beta: float = Field(0.1, gt=0)
     loss_type: str = "sigmoid"
@@ -223,6 +236,18 @@ class ColumnSettings(_Group):
     chosen: str | None = None
     rejected: str | None = None
 
+    @model_validator(mode="after")
+    def _distinct(self) -> ColumnSettings:
+        # Two roles on one column train the answer on itself (prompt = completion) or prefer an answer to itself.
+        roles: dict[str, list[str]] = {}
+        for role, column in self:
+            if column is not None:
+                roles.setdefault(column, []).append(f"{PREFIX}COLUMNS{DELIM}{role.upper()}")
+        same = [f"{' and '.join(names)} both name column {column!r}" for column, names in roles.items() if len(names) > 1]
+        if same:
+            raise ValueError("; ".join(same) + ": each role needs a column of its own")
+        return self
+
 
 class JobSettings(BaseSettings):
     """All of a run's settings. Required variables have no default."""
@@ -234,6 +259,7 @@ class JobSettings(BaseSettings):
         extra="forbid",
         validate_default=True,
         env_ignore_empty=True,
+        allow_inf_nan=False,
     )
 
     #: `merge`: JOB_ADAPTER merged into JOB_BASE_MODEL loaded in 16 bits (job/stages/merge.py); it reads no data.
@@ -246,6 +272,10 @@ class JobSettings(BaseSettings):
     #: Where `{run_id}/` is written: `s3://bucket/prefix`, `hf://org/repo`, or a local directory.
     output: str
     eval_data: str | None = None
+    #: The largest share of the training (or eval) examples that JOB_TRAIN__MAX_LENGTH may cut or drop
+    #: (JOB_TRAIN__OVER_LENGTH); above it the run fails before the download (exit 3), naming the lengths that would
+    #: fit. 1 allows any share.
+    max_over_length_share: float = Field(0.1, ge=0, le=1)
     #: Held-out fraction of JOB_DATA used for evaluation when JOB_EVAL_DATA is not set.
     eval_fraction: float = Field(0.0, ge=0, lt=1)
     #: Prompts answered before and after training (generations.jsonl/.md): a file or URI like JOB_DATA (a prompt column,
@@ -259,6 +289,10 @@ class JobSettings(BaseSettings):
     #: Discard what an earlier run with this JOB_RUN_ID left (checkpoints, outputs, its recorded identity) and start over.
     #: Without it, a run id already used for another stage, config or data is refused (exit 2).
     restart: bool = False
+    #: With JOB_RESTART=true: start over once for this key, not on every attempt. A retried attempt with the same key
+    #: (a Kubernetes pod retry: k8s/base/job.yaml sets it to the Job's uid) continues the restarted run; a new key
+    #: restarts again. Unset: every start with JOB_RESTART=true starts over.
+    restart_key: str | None = None
     #: `auto`: the model's chat template if it has one, else the `instruction` format
     #: (`### 指示\n{prompt}\n### 回答\n{answer}<eos>`). `chat_template` requires the model's template.
     prompt_format: Literal["auto", "chat_template", "instruction"] = "auto"

@@ -94,8 +94,18 @@ def parse_uri(text: str) -> Uri:
         if not m:
             raise ValueError(f"{text!r}: expected hf://org/name[@revision] or hf://datasets/org/name[@revision]")
         return HfUri(m.group(1), repo_type, m.group(2), (m.group(3) or "").strip("/"))
-    if "://" in text:
-        raise ValueError(f"{text!r}: unsupported scheme; use s3:// (also for S3-compatible stores), hf://, or a local path")
+    # Anything that starts like a URI (`scheme:`) is one: a mistyped `s3:/bucket` or `S3://bucket` must not become a
+    # local folder named `s3:` that vanishes with the container while the run reports success.
+    m = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):(/*)", text)
+    if m or "://" in text:
+        scheme, slashes = (m.group(1), m.group(2)) if m else (text.partition("://")[0], "//")
+        known = scheme.lower() in ("s3", "hf")
+        if known and (scheme != scheme.lower() or slashes != "//"):
+            rest = text[m.end():] if m else text.partition("://")[2]
+            hint = f"did you mean {scheme.lower()}://{rest}?"
+        else:
+            hint = "use s3:// (also for S3-compatible stores), hf://, or a local path (./name for one with a colon)"
+        raise ValueError(f"{text!r}: {'malformed' if known else 'unsupported'} scheme {scheme + ':' + slashes!r}; {hint}")
     return LocalUri(Path(text))
 
 

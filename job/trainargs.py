@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import re
 import types
 import typing
@@ -152,6 +153,8 @@ def stage_kwargs(s, stage: str | None = None) -> dict:
                 raise ValueError(problem)
             try:
                 out[name] = _coerce(fields[name], raw)
+                if isinstance(out[name], float) and not math.isfinite(out[name]):
+                    raise ValueError("not a finite number")
             except Exception as exc:
                 errors = getattr(exc, "errors", None)
                 msg = errors()[0]["msg"] if callable(errors) else _message(exc)
@@ -188,6 +191,9 @@ def build_kwargs(s, rt: Runtime) -> dict:
         bf16=bf16,
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        # A NaN or infinite step loss is logged as such (job/divergence.py ends the run on it), not averaged away:
+        # transformers' filter showed a run whose every loss was NaN as loss 0.0.
+        logging_nan_inf_filter=False,
         report_to=[] if t.report_to == "none" else t.report_to.split(","),
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,

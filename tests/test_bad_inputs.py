@@ -37,6 +37,7 @@ def J(rows) -> str:
 
 
 GOOD_SFT = J([{"text": "質問", "output": "回答"}, {"text": "日本の首都は？", "output": "東京です。"}])
+MIXED = J([{"text": "質問", "output": "はい。"}] * 20 + [{"text": "日本の首都はどこですか？" * 3, "output": "東京です。"}] * 10)
 
 CASES = [
     # ---- configuration: exit 2, named variables, before anything is read ----
@@ -79,6 +80,27 @@ CASES = [
          ["JOB_LORA__TARGET_MODULES: 'v_prj' not found", "v_proj"]),
     Case("EOS token not in the vocabulary", {"JOB_TRAIN__EOS_TOKEN": "<|eot|>"}, ExitCode.CONFIG,
          ["JOB_TRAIN__EOS_TOKEN='<|eot|>': not a single token"]),
+    # URI-looking values that are not URIs: they became local folders (./s3:/my-bucket/runs) and the run succeeded.
+    Case("output URI with one slash", {"JOB_OUTPUT": "s3:/my-bucket/runs"}, ExitCode.CONFIG,
+         ["JOB_OUTPUT: 's3:/my-bucket/runs': malformed scheme 's3:/'; did you mean s3://my-bucket/runs?"]),
+    Case("check with an output URI with one slash", {"JOB_OUTPUT": "s3:/my-bucket/runs"}, ExitCode.CONFIG,
+         ["JOB_OUTPUT: 's3:/my-bucket/runs'", "did you mean s3://my-bucket/runs?"], args=("--check",)),
+    Case("base model hub URI with one slash", {"JOB_BASE_MODEL": "hf:/org/model"}, ExitCode.CONFIG,
+         ["JOB_BASE_MODEL: 'hf:/org/model'", "did you mean hf://org/model?"]),
+    Case("adapter hub URI without slashes", {"JOB_ADAPTER": "hf:org/adapter"}, ExitCode.CONFIG,
+         ["JOB_ADAPTER: 'hf:org/adapter'", "did you mean hf://org/adapter?"]),
+    Case("upper-case S3 scheme", {"JOB_DATA": "S3://my-bucket/d.jsonl"}, ExitCode.CONFIG,
+         ["JOB_DATA: 'S3://my-bucket/d.jsonl'", "did you mean s3://my-bucket/d.jsonl?"]),
+    Case("unsupported scheme for eval data", {"JOB_EVAL_DATA": "gs://my-bucket/e.jsonl"}, ExitCode.CONFIG,
+         ["JOB_EVAL_DATA: 'gs://my-bucket/e.jsonl': unsupported scheme 'gs://'"]),
+    Case("eval prompts URI with one slash", {"JOB_EVAL_PROMPTS": "s3:/my-bucket/p.txt"}, ExitCode.CONFIG,
+         ["JOB_EVAL_PROMPTS: 's3:/my-bucket/p.txt'"]),
+    Case("infinite learning rate", {"JOB_TRAIN__LEARNING_RATE": "inf"}, ExitCode.CONFIG,
+         ["JOB_TRAIN__LEARNING_RATE: Input should be a finite number"]),
+    Case("warm-up ratio of 1", {"JOB_TRAIN__WARMUP_RATIO": "1"}, ExitCode.CONFIG,
+         ["JOB_TRAIN__WARMUP_RATIO: must be below 1", "JOB_TRAIN__WARMUP_STEPS"]),
+    Case("answer mapped onto itself", {"JOB_COLUMNS__PROMPT": "output", "JOB_COLUMNS__COMPLETION": "output"}, ExitCode.CONFIG,
+         ["JOB_COLUMNS__PROMPT and JOB_COLUMNS__COMPLETION both name column 'output'"]),
     Case("check with bad settings", {"JOB_TRAIN__OPTIM": "adam"}, ExitCode.CONFIG, ["JOB_TRAIN__OPTIM:"], args=("--check",)),
     Case("print-config with bad settings", {"JOB_LORA__ALPHA": "0"}, ExitCode.CONFIG, ["JOB_LORA__ALPHA:"], args=("--print-config",)),
     # ---- data: exit 3, file and row ----
@@ -111,6 +133,17 @@ CASES = [
     Case("nothing fits MAX_LENGTH", {"JOB_DATA": "{d}/long.jsonl", "JOB_TRAIN__MAX_LENGTH": "8"}, ExitCode.DATA,
          ["JOB_TRAIN__MAX_LENGTH=8"], files={"long.jsonl": J([{"text": "質問", "output": "とても長い回答です。" * 5}])}),
     Case("eval fraction leaves nothing", {"JOB_EVAL_FRACTION": "0.9"}, ExitCode.DATA, ["JOB_EVAL_FRACTION=0.9"]),
+    # MAX_LENGTH=12 on a 30-record set trained 2 answers to a prompt cut down to "<s>\n" and succeeded.
+    Case("most of the data longer than MAX_LENGTH", {"JOB_DATA": "{d}/mixed.jsonl", "JOB_TRAIN__MAX_LENGTH": "30"}, ExitCode.DATA,
+         ["train data: 10 of 30 examples (33%) are longer than JOB_TRAIN__MAX_LENGTH=30", "JOB_MAX_OVER_LENGTH_SHARE=0.1",
+          "JOB_TRAIN__MAX_LENGTH=39 keeps 95% of them whole"], files={"mixed.jsonl": MIXED}),
+    Case("check with most of the data longer than MAX_LENGTH", {"JOB_DATA": "{d}/mixed.jsonl", "JOB_TRAIN__MAX_LENGTH": "30"},
+         ExitCode.DATA, ["10 of 30 examples (33%) are longer than JOB_TRAIN__MAX_LENGTH=30"], args=("--check",),
+         files={"mixed.jsonl": MIXED}),
+    # ---- training: exit 6 ----
+    Case("learning rate that diverges", {"JOB_TRAIN__LEARNING_RATE": "1e30", "JOB_TRAIN__WARMUP_RATIO": "0",
+                                         "JOB_TRAIN__MAX_STEPS": "2", "JOB_TRAIN__LOGGING_STEPS": "1", "JOB_EVAL_PROMPTS": "none"},
+         ExitCode.DIVERGED, ["training diverged at step 2", "lower JOB_TRAIN__LEARNING_RATE (now 1e+30)"]),
     # ---- model: exit 4, named variable ----
     Case("base model folder missing", {"JOB_BASE_MODEL": "{d}/no-model"}, ExitCode.MODEL, ["JOB_BASE_MODEL:", "no-model"]),
     Case("base model without safetensors", {"JOB_BASE_MODEL": "{d}/pickled"}, ExitCode.MODEL,
@@ -169,11 +202,15 @@ def fixtures(tiny_model, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def results(tiny_model, fixtures, tmp_path_factory) -> dict:
+def results(tiny_model, fixtures, tmp_path_factory, request) -> dict:
+    # Only the cases this session runs (-k or a node id picks a few while working on them), each a Python process.
+    chosen = {item.callspec.params["case"].name for item in request.session.items
+              if item.module is request.module and "case" in getattr(getattr(item, "callspec", None), "params", {})}
+    cases = [c for c in CASES if c.name in chosen]
     root = tmp_path_factory.mktemp("cases")
-    prepared = {c.name: _prepare(c, root, tiny_model, fixtures) for c in CASES}
+    prepared = {c.name: _prepare(c, root, tiny_model, fixtures) for c in cases}
     with ThreadPoolExecutor(max_workers=3) as pool:
-        futures = {c.name: pool.submit(run_job, prepared[c.name][0], *c.args, timeout=600) for c in CASES}
+        futures = {c.name: pool.submit(run_job, prepared[c.name][0], *c.args, timeout=600) for c in cases}
         return {name: (f.result(), prepared[name][1]) for name, f in futures.items()}
 
 

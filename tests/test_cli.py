@@ -23,7 +23,8 @@ def test_check_reports_stats_without_loading_the_model(tiny_model, tmp_path):
     for f in tiny_model.iterdir():  # a model directory whose weights would fail to load: --check must not touch them
         (model_dir / f.name).write_bytes(b"not weights" if f.suffix == ".safetensors" else f.read_bytes())
     r = run_job(job_env(JOB_STAGE="sft", JOB_BASE_MODEL=str(model_dir), JOB_DATA=str(DEMO_DATA / "sft.jsonl"),
-                        JOB_OUTPUT=str(tmp_path / "out"), JOB_WORKDIR=str(tmp_path / "w"), JOB_TRAIN__MAX_LENGTH="40"), "--check")
+                        JOB_OUTPUT=str(tmp_path / "out"), JOB_WORKDIR=str(tmp_path / "w"), JOB_TRAIN__MAX_LENGTH="40",
+                        JOB_MAX_OVER_LENGTH_SHARE="1"), "--check")
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(r.stdout)
     assert report["train"]["records"] == 24 and report["prompt_format"] == "instruction"

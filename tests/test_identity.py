@@ -4,6 +4,7 @@ JOB_RESTART=true is the documented way to start over. Plus the OOM fallback of `
 quiet Ctrl-C before the job starts."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -128,3 +129,25 @@ def test_a_signal_while_the_job_is_starting_stops_it_quietly(sig, code, tmp_path
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err[-2000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err and signal.Signals(sig).name in err
+
+
+def test_restart_happens_once_per_restart_key(env, tmp_path):
+    """JOB_RESTART=true left in a Kubernetes Job spec wiped the checkpoints on every pod retry. Now a restart is done
+    once per JOB_RESTART_KEY (the manifests set the Job's uid): a retry with the same key continues the run."""
+    out = tmp_path / "out" / "r1"
+    first = {**env, "JOB_RESTART": "true", "JOB_RESTART_KEY": "job-uid-1", "JOB_TRAIN__SAVE_STEPS": "1", "JOB_EVAL_PROMPTS": "none"}
+    r = run_job(first)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "discarding everything stored for run r1" in r.stderr
+    assert json.loads((out / "restarted.json").read_text())["key"] == "job-uid-1"
+    # As if the pod had been reclaimed after its last checkpoint, before publishing: Kubernetes retries it, same env.
+    (out / "_SUCCESS").unlink()
+    shutil.copytree(tmp_path / "w" / "r1" / "checkpoints" / "checkpoint-2", out / "checkpoints" / "checkpoint-2")
+    r = run_job(first)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "discarding" not in r.stderr and "JOB_RESTART=true already done for JOB_RESTART_KEY=job-uid-1" in r.stderr
+    assert "resuming from" in r.stderr and (out / "_SUCCESS").exists()  # the retry continued from the checkpoint
+    # A new Job (a new key) with JOB_RESTART=true does start over: --check says so, and discards nothing itself.
+    r = run_job({**first, "JOB_RESTART_KEY": "job-uid-2"}, "--check")
+    assert r.returncode == 0 and "would be discarded first" in json.loads(r.stdout)["run"]
+    assert (out / "_SUCCESS").exists()

@@ -76,6 +76,35 @@ def test_nothing_left_is_a_data_error_naming_max_length(tok):
         fit(sft_records((LONG_PROMPT, ANSWER)), "sft", tok, max_length=4, policy="cut_prompt", stops={tok.eos_token_id}, role="train")
 
 
+def test_a_cut_that_leaves_no_prompt_text_drops_the_example(tok):
+    """Cutting from the start must leave the template's end (`\n### 回答\n`) whole and some of the prompt's text
+    before it; a cut down to `<s>` and part of the template trained an answer to nothing (issue 25)."""
+    records = sft_records((LONG_PROMPT, ANSWER))
+    answer = n_tokens(tok, ANSWER) + 1  # and its EOS
+    tail = n_tokens(tok, "\n### 回答\n")
+    for max_length in range(answer + 1, answer + 1 + tail + 1):  # BOS plus at most the template's end
+        with pytest.raises(DataError, match=f"JOB_TRAIN__MAX_LENGTH={max_length}"):
+            fit(records, "sft", tok, max_length=max_length, policy="cut_prompt", stops={tok.eos_token_id}, role="train")
+    f = fit(records, "sft", tok, max_length=answer + 1 + tail + 6, policy="cut_prompt", stops={tok.eos_token_id}, role="train")
+    row = f.rows[0]
+    prompt = tok.decode(row["input_ids"][: row["completion_mask"].index(1)])
+    assert f.report["prompt_cut"] == 1 and prompt.startswith("<s>") and prompt.endswith("ですか？\n### 回答\n"), prompt
+
+
+def test_more_than_the_allowed_share_cut_or_dropped_fails_naming_the_lengths_that_fit(tok):
+    records = sft_records(*[("短い質問", ANSWER)] * 8, (LONG_PROMPT, ANSWER), ("質問", "とても長い回答です。" * 10))
+    whole = [n_tokens(tok, f"### 指示\n{p}\n### 回答\n{a}") + 2 for p, a in [(LONG_PROMPT, ANSWER), ("質問", "とても長い回答です。" * 10)]]
+    kw = dict(max_length=40, policy="cut_prompt", stops={tok.eos_token_id}, role="train")
+    with pytest.raises(DataError) as e:
+        fit(records, "sft", tok, max_share=0.1, **kw)
+    msg = str(e.value)
+    assert "2 of 10 examples (20%) are longer than JOB_TRAIN__MAX_LENGTH=40: 1 would have their prompt cut, 1 be dropped" in msg
+    assert "JOB_MAX_OVER_LENGTH_SHARE=0.1" in msg and "d.jsonl: row 9, d.jsonl: row 10" in msg
+    assert f"{max(whole)} all of them" in msg
+    f = fit(records, "sft", tok, max_share=0.2, **kw)  # at the limit: kept, and reported
+    assert (f.report["prompt_cut"], f.report["dropped"], f.report["whole_max"]) == (1, 1, max(whole))
+
+
 def test_dpo_keeps_both_answers_whole_and_cuts_the_prompt(tok):
     pair = {"prompt": user(LONG_PROMPT), "chosen": assistant(ANSWER), "rejected": assistant("大阪だと思います。"), "source": "p.csv: row 1"}
     f = fit([pair], "dpo", tok, max_length=40, policy="cut_prompt", stops={tok.eos_token_id}, role="train")
@@ -120,7 +149,7 @@ def test_eos_check_and_length_policy_through_the_cli(chatml_model, tiny_model, t
     data.write_text("\n".join(json.dumps({"text": p, "output": a}, ensure_ascii=False)
                               for p, a in [(LONG_PROMPT, ANSWER), ("質問", ANSWER)]) + "\n", encoding="utf-8")
     env = job_env(JOB_STAGE="sft", JOB_DATA=str(data), JOB_OUTPUT=str(tmp_path / "out"), JOB_WORKDIR=str(tmp_path / "w"),
-                  JOB_TRAIN__MAX_LENGTH="40")
+                  JOB_TRAIN__MAX_LENGTH="40", JOB_MAX_OVER_LENGTH_SHARE="1")
     r = run_job({**env, "JOB_BASE_MODEL": str(chatml_model)}, "--check")
     assert r.returncode == ExitCode.CONFIG and "JOB_TRAIN__EOS_TOKEN=<|im_end|>" in r.stderr and "Traceback" not in r.stderr
     r = run_job({**env, "JOB_BASE_MODEL": str(chatml_model), "JOB_TRAIN__EOS_TOKEN": "<|im_end|>"}, "--check")

@@ -90,7 +90,8 @@ def test_cli_print_config_masks_and_invalid_config_exits_2():
 def test_cli_help_lists_exit_codes():
     r = run_job(job_env(), "--help")
     assert r.returncode == 0
-    assert "--check" in r.stdout and "--print-config" in r.stdout and "75 transient" in r.stdout
+    text = " ".join(r.stdout.split())  # argparse wraps the epilog wherever the width falls
+    assert "--check" in text and "--print-config" in text and "6 diverged" in text and "75 transient" in text
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -176,3 +177,107 @@ def test_loraplus_ratio_is_a_job_setting_not_a_trl_field():
     assert all("loraplus_lr_ratio" not in trainargs._fields(c) for c in (SFTConfig, DPOConfig))
     s = load_settings({**BASE, "JOB_TRAIN__LORAPLUS_LR_RATIO": "16"})
     assert s.train.loraplus_lr_ratio == 16.0 and "loraplus_lr_ratio" not in trainargs.build_kwargs(s, trainargs.Runtime())
+
+
+URI_SETTINGS = ("JOB_BASE_MODEL", "JOB_DATA", "JOB_EVAL_DATA", "JOB_EVAL_PROMPTS", "JOB_ADAPTER", "JOB_OUTPUT")
+
+
+@pytest.mark.parametrize("name", URI_SETTINGS)
+@pytest.mark.parametrize("value, says", [
+    ("s3:/my-bucket/runs", "did you mean s3://my-bucket/runs?"),
+    ("S3://my-bucket/runs", "did you mean s3://my-bucket/runs?"),
+    ("hf:/org/repo", "did you mean hf://org/repo?"),
+    ("hf:org/repo", "did you mean hf://org/repo?"),
+    ("gs://my-bucket/runs", "unsupported scheme 'gs://'"),
+    ("file:///tmp/x", "unsupported scheme"),
+])
+def test_what_looks_like_a_uri_but_is_not_one_is_refused(name, value, says):
+    # Before: s3:/..., hf:/... became local relative folders (the run wrote to ./s3:/... and succeeded).
+    with pytest.raises(ConfigError) as e:
+        load_settings({**BASE, name: value})
+    assert f"{name}: {value!r}" in str(e.value) and says in str(e.value)
+
+
+def test_local_paths_with_a_colon_stay_possible():
+    assert load_settings({**BASE, "JOB_OUTPUT": "./runs:v1"}).output == "./runs:v1"
+
+
+@pytest.mark.parametrize("name, value", [("JOB_TRAIN__LEARNING_RATE", "inf"), ("JOB_TRAIN__LEARNING_RATE", "nan"),
+                                         ("JOB_TRAIN__MAX_GRAD_NORM", "inf"), ("JOB_LORA__DROPOUT", "nan"),
+                                         ("JOB_EVAL_FRACTION", "nan"), ("JOB_DPO__BETA", "inf"),
+                                         ("JOB_TRAIN__ADAM_EPSILON", "nan")])  # a TRL field beyond the job's own
+def test_non_finite_numbers_are_refused(name, value):
+    with pytest.raises(ConfigError, match=rf"{name}: .*finite"):
+        load_settings({**BASE, "JOB_STAGE": "dpo" if "DPO" in name else "sft", name: value})
+
+
+def test_warmup_ratio_of_one_or_more_points_at_warmup_steps():
+    # transformers reads warmup values >= 1 as a number of steps: RATIO=1 was one warm-up step.
+    with pytest.raises(ConfigError, match=r"JOB_TRAIN__WARMUP_RATIO: must be below 1.*JOB_TRAIN__WARMUP_STEPS"):
+        load_settings({**BASE, "JOB_TRAIN__WARMUP_RATIO": "1"})
+    assert load_settings({**BASE, "JOB_TRAIN__WARMUP_RATIO": "0.5"}).train.warmup_ratio == 0.5
+
+
+def test_two_column_roles_on_one_column_are_refused():
+    with pytest.raises(ConfigError, match=r"JOB_COLUMNS__PROMPT and JOB_COLUMNS__COMPLETION both name column 'output'"):
+        load_settings({**BASE, "JOB_COLUMNS__PROMPT": "output", "JOB_COLUMNS__COMPLETION": "output"})
+    with pytest.raises(ConfigError, match=r"JOB_COLUMNS__CHOSEN and JOB_COLUMNS__REJECTED both name column 'a'"):
+        load_settings({**BASE, "JOB_STAGE": "dpo", "JOB_COLUMNS__CHOSEN": "a", "JOB_COLUMNS__REJECTED": "a"})
+    load_settings({**BASE, "JOB_COLUMNS__PROMPT": "q", "JOB_COLUMNS__COMPLETION": "a"})
+
+
+def test_settings_that_would_be_ignored_are_warned_about(tiny_model):
+    from job.preflight import setting_warnings
+
+    def warnings(**env):
+        return setting_warnings(load_settings({**BASE, **env}), tiny_model)
+
+    assert warnings() == []
+    [w] = warnings(JOB_ADAPTER="s3://bucket/adapter", JOB_LORA__R="64", JOB_LORA__TARGET_MODULES="q_proj")
+    assert w.startswith("JOB_LORA__R, JOB_LORA__TARGET_MODULES ignored: JOB_ADAPTER continues an existing adapter")
+    [w] = warnings(JOB_STAGE="dpo", JOB_LORA__DROPOUT="0.1")
+    assert w.startswith("JOB_LORA__DROPOUT ignored: DPO turns every dropout off")
+    assert warnings(JOB_STAGE="dpo", JOB_LORA__DROPOUT="0.1", JOB_TRAIN__DISABLE_DROPOUT="false") == []
+    assert warnings(JOB_LORA__DROPOUT="0.1") == []  # SFT uses it
+    [w] = warnings(JOB_TRAIN__MAX_LENGTH="2048")  # the tiny model has 1024 positions
+    assert "JOB_TRAIN__MAX_LENGTH=2048 is above the base model's max_position_embeddings (1024)" in w
+
+
+def test_lora_dropout_is_no_part_of_a_dpo_run_identity():
+    from job.preflight import identity
+
+    class Inputs:
+        identity = {}
+
+    models = {"base_model": {"uri": "x"}, "adapter": None}
+
+    def sha(**env):
+        return identity(load_settings({**BASE, **env}), Inputs(), models)["sha256"]
+
+    assert sha(JOB_STAGE="dpo", JOB_LORA__DROPOUT="0.1") == sha(JOB_STAGE="dpo", JOB_LORA__DROPOUT="0.2")
+    assert sha(JOB_STAGE="dpo", JOB_LORA__DROPOUT="0.1", JOB_TRAIN__DISABLE_DROPOUT="false") != \
+        sha(JOB_STAGE="dpo", JOB_LORA__DROPOUT="0.2", JOB_TRAIN__DISABLE_DROPOUT="false")
+    assert sha(JOB_LORA__DROPOUT="0.1") != sha(JOB_LORA__DROPOUT="0.2")  # SFT trains with it
+
+
+def test_check_and_the_log_warn_about_ignored_settings(tiny_model, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from conftest import DEMO_DATA
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=4, target_modules="all-linear")).save_pretrained(adapter)
+    env = job_env(JOB_BASE_MODEL=str(tiny_model), JOB_OUTPUT=str(tmp_path / "out"), JOB_WORKDIR=str(tmp_path / "w"),
+                  JOB_LOG_FORMAT="json")
+    r = run_job({**env, "JOB_STAGE": "sft", "JOB_DATA": str(DEMO_DATA / "sft.jsonl"), "JOB_ADAPTER": str(adapter),
+                 "JOB_LORA__R": "64"}, "--check")
+    assert r.returncode == 0, r.stderr[-3000:]
+    [w] = json.loads(r.stdout)["warnings"]
+    assert w.startswith("JOB_LORA__R ignored: JOB_ADAPTER continues an existing adapter") and w in r.stderr
+    r = run_job({**env, "JOB_STAGE": "dpo", "JOB_DATA": str(DEMO_DATA / "dpo.csv"), "JOB_LORA__DROPOUT": "0.1",
+                 "JOB_TRAIN__MAX_LENGTH": "2048"}, "--check")
+    assert r.returncode == 0, r.stderr[-3000:]
+    warnings = json.loads(r.stdout)["warnings"]
+    assert [w.split(" ", 1)[0] for w in warnings] == ["JOB_LORA__DROPOUT", "JOB_TRAIN__MAX_LENGTH=2048"]
+    assert all(w in r.stderr for w in warnings)
