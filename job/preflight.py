@@ -43,6 +43,9 @@ OPERATIONAL = {"workdir", "log_format", "run_id", "restart", "restart_key", "hf_
 #: How a step is computed, not what it computes: a retried pod on another GPU type may choose differently.
 OPERATIONAL_TRAIN = {"save_steps", "logging_steps", "report_to", "per_device_eval_batch_size", "eval_steps",
                      "merge_micro_batches", "offload_checkpoints"}
+#: Settings added after runs were already recorded: in a run's identity only when set, so that a run started before
+#: they existed (a spot run retried on a newer image) is still the same run.
+ONLY_WHEN_SET_TRAIN = {"loraplus_lr_ratio"}
 
 
 @dataclass
@@ -280,7 +283,8 @@ def lora_dropout_ignored(s: JobSettings) -> bool:
 
 def identity(s: JobSettings, inputs: Inputs, model_identity: dict) -> dict:
     config = {k: v for k, v in s.masked().items() if k not in OPERATIONAL}
-    config["train"] = {k: v for k, v in config["train"].items() if k not in OPERATIONAL_TRAIN}
+    config["train"] = {k: v for k, v in config["train"].items()
+                       if k not in OPERATIONAL_TRAIN and not (k in ONLY_WHEN_SET_TRAIN and v is None)}
     from job import lora
 
     # LoRA variants (JOB_LORA__USE_DORA, ...) are what is trained; one set to PEFT's default is the same run as unset.

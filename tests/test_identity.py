@@ -151,3 +151,25 @@ def test_restart_happens_once_per_restart_key(env, tmp_path):
     r = run_job({**first, "JOB_RESTART_KEY": "job-uid-2"}, "--check")
     assert r.returncode == 0 and "would be discarded first" in json.loads(r.stdout)["run"]
     assert (out / "_SUCCESS").exists()
+
+
+def test_a_setting_added_later_leaves_the_identity_of_runs_that_do_not_set_it_as_it_was():
+    """A spot run recorded by an older image, retried on a newer one, is still the same run: an SFT run with the
+    default settings has the fingerprint it had at 92e1107 (computed there with this same call), although settings
+    were added since (JOB_TRAIN__LORAPLUS_LR_RATIO, JOB_LORA__<FIELD>, JOB_RESTART_KEY, ...). Control: the same
+    identity with the new LoRA+ field kept as null has another fingerprint."""
+    from job import preflight
+    from job.settings import load_settings
+
+    class Inputs:
+        identity = {}
+
+    models = {"base_model": {"uri": "x"}, "adapter": None}
+    s = load_settings({"JOB_STAGE": "sft", "JOB_BASE_MODEL": "/m", "JOB_DATA": "/d", "JOB_OUTPUT": "/o"})
+    ident = preflight.identity(s, Inputs(), models)
+    assert ident["sha256"] == "b1be5446b43b45e9c5e16c02cb7f58b4a6112af95cac82a2a935b8eb521e7e5d"
+    with_null = dict(ident, config=dict(ident["config"], train=dict(ident["config"]["train"], loraplus_lr_ratio=None)))
+    assert preflight.fingerprint(with_null) != ident["sha256"]
+    s = load_settings({"JOB_STAGE": "sft", "JOB_BASE_MODEL": "/m", "JOB_DATA": "/d", "JOB_OUTPUT": "/o",
+                       "JOB_TRAIN__LORAPLUS_LR_RATIO": "16"})
+    assert preflight.identity(s, Inputs(), models)["config"]["train"]["loraplus_lr_ratio"] == 16
