@@ -400,6 +400,10 @@ def loss_series(history: list[dict], stage: str) -> dict[str, tuple[list[int], l
 
 
 def plot_loss(history: list[dict], stage: str, path: Path, title: str = "") -> None:
+    loss_figure(history, stage, title).savefig(path, dpi=100)
+
+
+def loss_figure(history: list[dict], stage: str, title: str = ""):
     from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
 
     series = loss_series(history, stage)
@@ -419,12 +423,14 @@ def plot_loss(history: list[dict], stage: str, path: Path, title: str = "") -> N
                 ax.plot(steps, values, "o", label=name, markersize=6)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
+        # Values as they are: with an offset, a loss flat to 1e-6 is drawn as a steep fall labelled "+6.931e-1".
+        ax.yaxis.get_major_formatter().set_useOffset(False)
         ax.grid(alpha=0.3)
         if ax.has_data():
             ax.legend()
     if title:
         fig.suptitle(title)
-    fig.savefig(path, dpi=100)
+    return fig
 
 
 def _copy_tensorboard(trainer, dest: Path) -> None:

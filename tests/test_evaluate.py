@@ -296,3 +296,18 @@ def test_sft_then_dpo_runs_report_generations_metrics_plot_tensorboard_and_a_sum
     assert _png_size(out / "loss.png")[0] > 1500  # three panels: loss, reward accuracy, reward margin
     assert (out / "generations.md").exists() and metrics["generation_prompts"] >= 1
     assert "eval reward accuracy" in r.stdout and not (out / "tensorboard").exists()
+
+
+def test_the_loss_plot_labels_a_flat_loss_with_its_values_not_an_offset():
+    """A loss flat to 1e-6 (a converged or frozen run): with matplotlib's default offset notation the axis reads
+    0..4 "+6.931e-1" and the line looks like a steep fall; without it the labels are the values."""
+    from job.evaluate import loss_figure
+
+    history = [{"step": i, "loss": 0.6931470 + i * 1e-7} for i in range(1, 11)]
+    fig = loss_figure(history, "sft")
+    fig.canvas.draw()  # tick labels and the offset text are decided when drawing
+    [ax] = fig.axes
+    fmt = ax.yaxis.get_major_formatter()
+    assert fmt.get_offset() == ""
+    labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    assert labels and all(label.startswith("0.69314") for label in labels), labels
