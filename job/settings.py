@@ -14,6 +14,7 @@ huggingface_hub, the AWS credential chain and `AWS_ENDPOINT_URL(_S3)` by boto3.
 from __future__ import annotations
 
 import contextvars
+import logging
 import os
 import re
 import secrets
@@ -340,11 +341,13 @@ def _suggest(name: str, known: set[str]) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
-def load_settings(environ: Mapping[str, str] | None = None) -> JobSettings:
+def load_settings(environ: Mapping[str, str] | None = None, *, trl: bool = True) -> JobSettings:
     """Build the settings from `environ` (default: the process environment).
 
     Raises ConfigError naming every missing, invalid or unknown JOB_ variable at once; values of secret
-    variables and of unknown variables (a mistyped secret, say) are never included.
+    variables and of unknown variables (a mistyped secret, say) are never included. `trl=False` (--print-config)
+    skips the check of JOB_TRAIN__*/JOB_DPO__* values against TRL's config classes, which imports the training
+    stack (seconds); the variables it leaves unchecked are logged.
     """
     env = dict(os.environ if environ is None else environ)
     known = _known_env_names()
@@ -378,6 +381,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> JobSettings:
         _environ.reset(token)
     # Every JOB_TRAIN__*/JOB_DPO__* value through TRL's own config classes, now, not after the downloads: the names
     # at once with the problems above (importing TRL costs seconds: only when there are such names), then the values.
+    if not trl:
+        if problems:
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+        for name, _, _ in trl_names:
+            logging.getLogger("job").warning("%s: passed to TRL, not checked here (--check and a run check it)", name)
+        assert settings is not None
+        return settings
     from job import trainargs
 
     if trl_names:
