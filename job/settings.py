@@ -246,6 +246,16 @@ class JobSettings(BaseSettings):
     #: Read from the standard `HF_TOKEN`; passed to huggingface_hub explicitly and never printed.
     hf_token: SecretStr | None = Field(None, validation_alias=AliasChoices("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"))
 
+    @field_validator("hf_token", mode="before")
+    @classmethod
+    def _hf_token(cls, v):
+        # As huggingface_hub cleans the HF_TOKEN it reads itself (utils/_auth.py's _clean_token): a token from a file
+        # or `echo` (a Kubernetes secret made with --from-file) ends with a newline, which no HTTP header may hold;
+        # passed on as it was, every Hub request failed as "can't be reached".
+        if isinstance(v, str):
+            v = v.replace("\r", "").replace("\n", "").strip() or None
+        return v
+
     @field_validator("run_id")
     @classmethod
     def _run_id(cls, v: str | None) -> str | None:
@@ -405,4 +415,5 @@ def load_settings(environ: Mapping[str, str] | None = None, *, trl: bool = True)
 def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
     """Values of the standard secret variables present, for redacting logs and errors."""
     env = os.environ if environ is None else environ
-    return [env[k] for k in SECRET_ENV_VARS if env.get(k) and len(env[k]) >= 4]
+    values = [env[k] for k in SECRET_ENV_VARS if env.get(k) and len(env[k]) >= 4]
+    return values + [v.strip() for v in values if v.strip() != v and len(v.strip()) >= 4]  # as used: see _hf_token
