@@ -377,9 +377,13 @@ def planned_steps(s: JobSettings, fitted: sequences.Fitted, world_size: int = 1)
     batches = math.ceil(math.ceil(rows / world_size) / s.train.per_device_train_batch_size)
     per_epoch = max(1, math.ceil(batches / s.train.gradient_accumulation_steps))
     steps = s.train.max_steps if s.train.max_steps > 0 else math.ceil(s.train.num_train_epochs * per_epoch)
+    from job.outputs import micro_batch_shape
+
     return {"rows_per_epoch": rows, "steps_per_epoch": per_epoch, "steps": steps,
             "epochs": round(steps / per_epoch, 3), "tokens_per_epoch": fitted.report["tokens"],
-            "tokens": round(fitted.report["tokens"] * steps / per_epoch)}
+            "tokens": round(fitted.report["tokens"] * steps / per_epoch),
+            "micro_batch": micro_batch_shape(rows, world_size, s.train.per_device_train_batch_size,
+                                             s.train.gradient_accumulation_steps)}
 
 
 def prepare(s: JobSettings, run_id: str, *, dry: bool = False, main: bool = True, world_size: int = 1) -> Plan:

@@ -102,6 +102,7 @@ def _cut_prompt(prompt: list[int], budget: int, bos: int | None) -> list[int] | 
 def fit(records: list[dict], stage: str, tokenizer, *, max_length: int, policy: str, stops: set[int], role: str) -> Fitted:
     """Tokenize `records` (job/data.py's normalised records) for `stage` and apply the length policy."""
     rows, lengths = [], []
+    trained = 0  # the tokens the trainer sees: a DPO pair is two sequences, each with the prompt
     cut, dropped = [], []
     answer_min, answer_max = None, 0
     keys = ["completion"] if stage == "sft" else ["chosen", "rejected"]
@@ -129,6 +130,7 @@ def fit(records: list[dict], stage: str, tokenizer, *, max_length: int, policy: 
         else:
             rows.append({"prompt_ids": prompt, "chosen_ids": parts[0], "rejected_ids": parts[1]})
         lengths.append(len(prompt) + longest)
+        trained += sum(len(prompt) + len(p) for p in parts)
     report = {
         "records": len(records),
         "kept": len(rows),
@@ -138,7 +140,9 @@ def fit(records: list[dict], stage: str, tokenizer, *, max_length: int, policy: 
         "dropped": len(dropped),
         "first_prompt_cut": cut[:FIRST],
         "first_dropped": dropped[:FIRST],
-        "tokens": sum(lengths),
+        # Per epoch, as TRL counts them (num_tokens: non-padding tokens, both sequences of a DPO pair); the
+        # percentiles are of each example's longest sequence, what JOB_TRAIN__MAX_LENGTH bounds.
+        "tokens": trained,
         "tokens_p50": int(statistics.median(lengths)) if lengths else 0,
         "tokens_p95": sorted(lengths)[min(len(lengths) - 1, int(0.95 * len(lengths)))] if lengths else 0,
         "tokens_max": max(lengths, default=0),
