@@ -55,21 +55,24 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from job import logs
-    from job.checkpoints import StopSignal
     from job.settings import load_settings, secret_values
 
-    logs.setup("auto", secret_values())
-    stop = StopSignal()
-    stop.install()  # from here on a signal raises Preempted (exit 143/130) until training starts
+    # Before anything imports the training stack: its noise filters must be in place when bitsandbytes logs at its
+    # import, and --print-config needs none of it (torch, transformers, TRL: 10+ s of imports on 2 CPU cores).
+    logs.setup("auto", secret_values(), libraries=not args.print_config)
     try:
+        if args.print_config:
+            print(json.dumps(load_settings(trl=False).masked(), ensure_ascii=False, indent=2))
+            return ExitCode.OK
+        from job.checkpoints import StopSignal
+
+        stop = StopSignal()
+        stop.install()  # from here on a signal raises Preempted (exit 143/130) until training starts
         if args.command == "demo":
             from job.demo import run_demo
 
             return run_demo(args.demo_dir)
         settings = load_settings()
-        if args.print_config:
-            print(json.dumps(settings.masked(), ensure_ascii=False, indent=2))
-            return ExitCode.OK
         progress_bar = not logs.setup(settings.log_format, secret_values())
         from job import pipeline
 

@@ -47,24 +47,47 @@ def _hidden(rel: Path) -> bool:
     return any(part.startswith(".") for part in rel.parts)
 
 
+#: Files the job writes into a run folder ({JOB_OUTPUT}/{run_id}/): a folder holding one of them (and everything
+#: under it: adapter/, checkpoints/) is a run's output, not data, when JOB_OUTPUT lies inside the data folder.
+RUN_MARKERS = ("identity.json", "run.json", "_SUCCESS")
+
+
+def _suffix(path: Path) -> str:
+    """The data type of a file name: `.jsonl`, or `.jsonl.gz` for a gzip-compressed one."""
+    suffixes = [x.lower() for x in path.suffixes[-2:]]
+    if len(suffixes) == 2 and suffixes[1] == ".gz":
+        return "".join(suffixes)
+    return path.suffix.lower()
+
+
+def _supported(suffix: str) -> bool:
+    return suffix.removesuffix(".gz") in SUPPORTED and suffix != ".parquet.gz"
+
+
 def data_files(path: Path, display: str, ignored: list[str] | None = None) -> list[tuple[Path, str]]:
     """The data files at a local path, each with the name users know it by (its URI). Under a directory, hidden
-    files and anything in hidden folders are skipped; their names are appended to `ignored` when given. A file named
-    directly is read whatever its name."""
+    files and anything in hidden folders are skipped, and so are files of other types and the job's own run folders
+    (RUN_MARKERS); their names are appended to `ignored` when given. A file named directly is read whatever its name."""
     if path.is_file():
         return [(path, display)]
     base = display.rstrip("/")
+    runs = {m.parent for name in RUN_MARKERS for m in path.rglob(name)}
     files = []
     for p in sorted(p for p in path.rglob("*") if p.is_file()):
         rel = p.relative_to(path)
-        if _hidden(rel):
+        if _hidden(rel) or not _supported(_suffix(p)) or any(d in runs for d in p.parents):
             if ignored is not None:
                 ignored.append(f"{base}/{rel.as_posix()}")
-        elif p.suffix.lower() in SUPPORTED:
+        else:
             files.append((p, f"{base}/{rel.as_posix()}"))
     if not files:
-        raise DataError(f"{display}: no data files ({', '.join(SUPPORTED)}) found")
+        raise DataError(f"{display}: no data files ({', '.join(SUPPORTED)}, or .jsonl.gz, .json.gz, .csv.gz) found"
+                        + (f"; skipped: {_first(ignored)}" if ignored else ""))
     return files
+
+
+def _first(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def _decode(raw: bytes, name: str) -> str:
@@ -72,6 +95,10 @@ def _decode(raw: bytes, name: str) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
+        if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or raw[:200].count(b"\x00") * 4 >= len(raw[:200]):
+            # Windows editors and Excel's "Unicode text" write UTF-16: a BOM, or a zero byte beside every ASCII one.
+            raise DataError(f"{name}: not valid UTF-8: it looks like UTF-16 (as Windows tools save \"Unicode\" text): "
+                            "convert it with `iconv -f utf-16 -t utf-8 in > out`, or save it as UTF-8") from None
         hint = ""
         for enc in ("shift_jis", "cp932", "euc_jp"):
             try:
@@ -112,11 +139,22 @@ def _spans_lines(text: str) -> bool:
 def read_rows(path: Path, name: str, stage: str, columns: ColumnSettings) -> Iterator[tuple[int, Any]]:
     """Yield (row number, record) from one file; row numbers are 1-based data rows. `stage` decides what a CSV's
     first line must be: "sft", "dpo", or "prompts" (a file of prompts: a header with a prompt column, or an SFT one)."""
-    suffix = path.suffix.lower()
-    if suffix not in SUPPORTED:
-        raise DataError(f"{name}: unsupported file type {suffix!r}; use one of {', '.join(SUPPORTED)}")
+    suffix = _suffix(path)
+    if not _supported(suffix):
+        raise DataError(f"{name}: unsupported file type {suffix!r}; use one of {', '.join(SUPPORTED)} (.jsonl, .json "
+                        "and .csv also gzip-compressed: .jsonl.gz)")
     if path.stat().st_size == 0:
         raise DataError(f"{name}: the file is empty")
+    raw = None
+    if suffix.endswith(".gz"):
+        import gzip
+        import zlib
+
+        try:
+            raw = gzip.decompress(path.read_bytes())
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DataError(f"{name}: not a readable gzip file ({exc})") from None
+        suffix = suffix.removesuffix(".gz")
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -126,7 +164,7 @@ def read_rows(path: Path, name: str, stage: str, columns: ColumnSettings) -> Ite
             raise DataError(f"{name}: not a readable Parquet file ({type(exc).__name__}: {str(exc)[:200]})") from None
         yield from enumerate(rows, start=1)
         return
-    text = _decode(path.read_bytes(), name)
+    text = _decode(path.read_bytes() if raw is None else raw, name)
     if not text.strip():
         raise DataError(f"{name}: the file is empty")
     if suffix == ".csv":
@@ -256,6 +294,10 @@ def _text(record: dict, key: str, where: str, *, allow_empty: bool = False) -> s
 
 
 def _messages(value: Any, key: str, where: str) -> list[dict]:
+    if value is not None and not isinstance(value, (str, list, dict)):
+        # A number or a date where text belongs (Parquet and JSON keep the column's type): say so, not "messages".
+        raise DataError(f"{where}: column {key!r} must be text, got {type(value).__name__} {value!r}: store it as text "
+                        "(a string column)")
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: field {key!r} must be a non-empty list of messages")
     out = []
@@ -378,7 +420,8 @@ def load_records(path: Path, display: str, stage: str, columns: ColumnSettings, 
     ignored: list[str] = []
     files = data_files(path, display, ignored)
     if ignored:
-        log.info("%s: skipped %d hidden file(s): %s", display, len(ignored), ", ".join(ignored[:5]) + (" ..." if len(ignored) > 5 else ""))
+        log.info("%s: skipped %d file(s) that are hidden, of another type, or in the job's own run folders: %s",
+                 display, len(ignored), _first(ignored))
     for file, name in files:
         fmt, cols, seen = None, None, set()
         before = len(records)

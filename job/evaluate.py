@@ -400,6 +400,10 @@ def loss_series(history: list[dict], stage: str) -> dict[str, tuple[list[int], l
 
 
 def plot_loss(history: list[dict], stage: str, path: Path, title: str = "") -> None:
+    loss_figure(history, stage, title).savefig(path, dpi=100)
+
+
+def loss_figure(history: list[dict], stage: str, title: str = ""):
     from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
 
     series = loss_series(history, stage)
@@ -419,12 +423,14 @@ def plot_loss(history: list[dict], stage: str, path: Path, title: str = "") -> N
                 ax.plot(steps, values, "o", label=name, markersize=6)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
+        # Values as they are: with an offset, a loss flat to 1e-6 is drawn as a steep fall labelled "+6.931e-1".
+        ax.yaxis.get_major_formatter().set_useOffset(False)
         ax.grid(alpha=0.3)
         if ax.has_data():
             ax.legend()
     if title:
         fig.suptitle(title)
-    fig.savefig(path, dpi=100)
+    return fig
 
 
 def _copy_tensorboard(trainer, dest: Path) -> None:
@@ -491,4 +497,35 @@ def summary(out: Path, remote: str, history: list[dict]) -> str:
         lines += [f"  prompt: {_short(r['prompt'])}", f"    before: {_short(r['before'])}", f"    after:  {_short(r['after'])}"]
         if r["reference"] is not None:
             lines.append(f"    reference: {_short(r['reference'])}")
+    run = out / "run.json"
+    if stage in ("sft", "dpo") and run.exists():
+        lines += next_steps(stage, json.loads(run.read_text(encoding="utf-8"))["config"], remote)
     return "\n".join(lines) + "\n"
+
+
+def next_steps(stage: str, config: dict, remote: str) -> list[str]:
+    """The summary's last lines: the command that continues from this run's adapter (after SFT, DPO on it; after DPO,
+    the merge), and how to load the adapter in Python."""
+    import shlex
+
+    adapter = storage.parse_uri(remote).join("adapter")
+    base = config["base_model"]
+    common = f"JOB_BASE_MODEL={shlex.quote(base)} JOB_ADAPTER={shlex.quote(str(adapter))} JOB_OUTPUT={shlex.quote(config['output'])}"
+    if stage == "sft":
+        lines = ["  next: preference tuning (DPO) on this adapter, with pairs (prompt, chosen, rejected) of yours:",
+                 f"    JOB_STAGE=dpo {common} JOB_DATA=<your pairs> qlora-job"]
+    else:
+        lines = ["  next: a merged model for serving engines (vLLM, TGI):", f"    JOB_STAGE=merge {common} qlora-job"]
+    model = storage.as_model_uri(base)
+    base_ref = model.repo_id if isinstance(model, storage.HfUri) else str(model)
+    if isinstance(adapter, storage.HfUri):
+        load = f"PeftModel.from_pretrained(base, {adapter.repo_id!r}, subfolder={adapter.path!r})"
+    elif isinstance(adapter, storage.S3Uri):
+        load = f"PeftModel.from_pretrained(base, 'adapter')  # after: aws s3 cp --recursive {adapter}/ adapter/"
+    else:
+        load = f"PeftModel.from_pretrained(base, {str(adapter)!r})"
+    # The 4-bit NF4 base: the model the adapter was trained with and its metrics describe.
+    return lines + ["  load the adapter (transformers + peft):",
+                    f"    base = AutoModelForCausalLM.from_pretrained({base_ref!r}, "
+                    "quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4'))",
+                    f"    model = {load}"]

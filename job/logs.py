@@ -41,12 +41,43 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
+#: Library messages that say nothing a user of this job can act on: (logger, start of the message, why).
+NOISE = (
+    # At bitsandbytes' import on CPUs with AVX512-BF16: an optional CPU inference kernel from the Hub's `kernels`
+    # package is missing. bitsandbytes falls back to its own kernel, and the job's CPU path (the demo, tests) keeps
+    # the 4-bit layout that kernel would repack anyway (job.model.keep_4bit_layout).
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward", "optional CPU kernel"),
+    # At liger-kernel's import on GPUs (twice per process, bench/results/e2e-*.log.jsonl): its alternative backends for
+    # other hardware (CuTe DSL, Ascend NPUs) are missing; it uses its Triton kernels, which the job measured.
+    ("liger_kernel.backends.registry", "Backend impl ", "optional backends for other hardware"),
+)
+
+
+class _DropNoise(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def drop_noise() -> None:
+    """Filter NOISE where it is logged (a logger's filters see only its own records, so this must run before the
+    library logs; bitsandbytes logs at import)."""
+    for name, prefix, _ in NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropNoise(prefix))
+
+
 def use_json(log_format: str) -> bool:
     return log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
 
 
-def setup(log_format: str, secrets: list[str]) -> bool:
-    """Configure the root logger; returns True when logs are JSON lines (no progress bar)."""
+def setup(log_format: str, secrets: list[str], libraries: bool = True) -> bool:
+    """Configure the root logger; returns True when logs are JSON lines (no progress bar). `libraries`: also route
+    transformers' and datasets' logs through it (importing them: several seconds, which `--print-config` skips)."""
     global _secrets
     _secrets = sorted(set(secrets), key=len, reverse=True)
     as_json = use_json(log_format)
@@ -60,8 +91,11 @@ def setup(log_format: str, secrets: list[str]) -> bool:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     logging.captureWarnings(True)  # library warnings become log records: same format, same redaction
+    drop_noise()
     for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "httpx", "httpx2", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not libraries:
+        return as_json
     import transformers
     import datasets
 

@@ -126,6 +126,14 @@ def run_mean(history: list[dict], key: str) -> float | None:
     return round(total / steps, 6) if steps else None
 
 
+def micro_batch_shape(rows: int, world_size: int, batch: int, accumulation: int) -> dict:
+    """What a step of each process held: micro-batches of `rows` examples, `per_step` of them. Data smaller than the
+    configured batch (PER_DEVICE_TRAIN_BATCH_SIZE x GRADIENT_ACCUMULATION_STEPS) fills fewer: one packed row is one
+    row per step, whatever the batch size (the plan's figures, job/preflight.py's planned_steps)."""
+    here = -(-rows // world_size)
+    return {"rows": max(1, min(batch, here)), "per_step": max(1, min(accumulation, -(-here // batch)))}
+
+
 def final_metrics(stage: str, trainer, train_result, eval_metrics: dict | None, *, lengths: dict) -> dict:
     """metrics.json. Run figures come from the trainer's log history, which covers every step of the run across
     resumes; throughput is this session's (the steps this process trained), labelled so."""
@@ -167,8 +175,8 @@ def final_metrics(stage: str, trainer, train_result, eval_metrics: dict | None, 
         **({"padding_free": bool(getattr(trainer, "job_padding_free", False))} if stage == "dpo" else {}),
         # How each step was split (JOB_TRAIN__MERGE_MICRO_BATCHES): examples per micro-batch (SFT: packed rows when
         # packing; DPO: pairs) and micro-batches per step.
-        "micro_batch": {"rows": trainer.args.per_device_train_batch_size,
-                        "per_step": trainer.args.gradient_accumulation_steps},
+        "micro_batch": micro_batch_shape(len(trainer.train_dataset), trainer.args.world_size,
+                                         trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps),
         # What the length policy did (job/sequences.py): examples kept, prompts cut, dropped, and the first rows of each.
         "length_policy": lengths,
         # Which fast paths ran and why any was off (job/fastpaths.py).

@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from job import data, sequences, storage
-from job.errors import ConfigError, DataError, JobError, ModelError
+from job.errors import ConfigError, DataError, JobError, ModelError, Preempted
 from job.settings import JobSettings
 
 log = logging.getLogger("job")
@@ -117,20 +117,40 @@ def check_writable(s: JobSettings, remote: storage.Uri, workdir: Path, *, output
 def read_data(s: JobSettings, workdir: Path) -> Inputs:
     """Pull and validate the training (and eval) data. Raises DataError naming file and row."""
     identity, sets, files = {}, {}, []
-    for role, uri_text in (("train", s.data), ("eval", s.eval_data)):
+    for role, variable, uri_text in (("train", "JOB_DATA", s.data), ("eval", "JOB_EVAL_DATA", s.eval_data)):
         if not uri_text:
             continue
-        path, ident = storage.pull(storage.parse_uri(uri_text), workdir / "data" / role, token=token(s))
-        ident["sha256"] = {name: storage.sha256(p) for p, name in data.data_files(path, uri_text)}
+        try:
+            path, ident = storage.pull(storage.parse_uri(uri_text), workdir / "data" / role, token=token(s))
+            ident["sha256"] = {name: storage.sha256(p) for p, name in data.data_files(path, uri_text)}
+            report: list = []
+            sets[role] = data.load_records(path, uri_text, s.stage, s.columns, report=report)
+        except DataError as exc:
+            raise DataError(f"{variable}: {exc}{_quoted_hint(uri_text)}") from None
+        except JobError as exc:
+            raise _named(variable, exc) from None
         identity[role] = ident
-        report: list = []
-        sets[role] = data.load_records(path, uri_text, s.stage, s.columns, report=report)
         files += [{"role": role, **f} for f in report]
     train, held_out = data.split_eval(sets["train"], s.eval_fraction, s.train.seed)
     return Inputs(train=train, eval=sets.get("eval", held_out), identity=identity, files=files)
 
 
+def _quoted_hint(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return (f" (the value itself starts and ends with {value[0]}: docker --env-file, Kubernetes and .env files keep "
+                "quotes as part of the value; remove them)")
+    return ""
+
+
 # ------------------------------------------------------------------------------------------------- 3-4. model
+
+
+def _named(variable: str, exc: JobError) -> JobError:
+    """`exc` (storage's error: it names the URI, not the setting) with the variable in front, same exit code."""
+    if isinstance(exc, Preempted) or str(exc).startswith(variable):
+        return exc
+    named = type(exc)(f"{variable}: {exc}")
+    return named
 
 
 def _pull_small(variable: str, uri: storage.Uri, dest: Path, include: list[str], tok: str | None) -> Path:
@@ -138,6 +158,8 @@ def _pull_small(variable: str, uri: storage.Uri, dest: Path, include: list[str],
         path, _ = storage.pull(uri, dest, include=include, token=tok)
     except DataError as exc:  # storage can't tell a model from data: missing here is a model problem (exit 4)
         raise ModelError(f"{variable}: {exc}") from None
+    except JobError as exc:
+        raise _named(variable, exc) from None
     return path
 
 
@@ -150,6 +172,8 @@ def identify_models(s: JobSettings) -> tuple[storage.Uri, dict, storage.Uri | No
             found = storage.identify(uri, include, token(s))
         except DataError as exc:
             raise ModelError(f"{variable}: {exc}") from None
+        except JobError as exc:
+            raise _named(variable, exc) from None
         return storage.parse_uri(found.pop("pinned")) if "pinned" in found else uri, found
 
     base_uri, base = ident("JOB_BASE_MODEL", s.base_model, MODEL_FILES)
@@ -424,9 +448,13 @@ def planned_steps(s: JobSettings, fitted: sequences.Fitted, world_size: int = 1)
     batches = math.ceil(math.ceil(rows / world_size) / s.train.per_device_train_batch_size)
     per_epoch = max(1, math.ceil(batches / s.train.gradient_accumulation_steps))
     steps = s.train.max_steps if s.train.max_steps > 0 else math.ceil(s.train.num_train_epochs * per_epoch)
+    from job.outputs import micro_batch_shape
+
     return {"rows_per_epoch": rows, "steps_per_epoch": per_epoch, "steps": steps,
             "epochs": round(steps / per_epoch, 3), "tokens_per_epoch": fitted.report["tokens"],
-            "tokens": round(fitted.report["tokens"] * steps / per_epoch)}
+            "tokens": round(fitted.report["tokens"] * steps / per_epoch),
+            "micro_batch": micro_batch_shape(rows, world_size, s.train.per_device_train_batch_size,
+                                             s.train.gradient_accumulation_steps)}
 
 
 def prepare(s: JobSettings, run_id: str, *, dry: bool = False, main: bool = True, world_size: int = 1) -> Plan:

@@ -132,6 +132,7 @@ def fit(records: list[dict], stage: str, tokenizer, *, max_length: int, policy: 
     """Tokenize `records` (job/data.py's normalised records) for `stage` and apply the length policy; more than
     `max_share` of them cut or dropped is a DataError (JOB_MAX_OVER_LENGTH_SHARE)."""
     rows, lengths, whole = [], [], []
+    trained = 0  # the tokens the trainer sees: a DPO pair is two sequences, each with the prompt
     cut, dropped = [], []
     answer_min, answer_max = None, 0
     keys = ["completion"] if stage == "sft" else ["chosen", "rejected"]
@@ -166,6 +167,7 @@ def fit(records: list[dict], stage: str, tokenizer, *, max_length: int, policy: 
         else:
             rows.append({"prompt_ids": prompt, "chosen_ids": parts[0], "rejected_ids": parts[1]})
         lengths.append(len(prompt) + longest)
+        trained += sum(len(prompt) + len(p) for p in parts)
     report = {
         "records": len(records),
         "kept": len(rows),
@@ -175,7 +177,9 @@ def fit(records: list[dict], stage: str, tokenizer, *, max_length: int, policy: 
         "dropped": len(dropped),
         "first_prompt_cut": cut[:FIRST],
         "first_dropped": dropped[:FIRST],
-        "tokens": sum(lengths),
+        # Per epoch, as TRL counts them (num_tokens: non-padding tokens, both sequences of a DPO pair); the
+        # percentiles are of each example's longest sequence, what JOB_TRAIN__MAX_LENGTH bounds.
+        "tokens": trained,
         "tokens_p50": int(statistics.median(lengths)) if lengths else 0,
         "tokens_p95": _p95(lengths),
         "tokens_max": max(lengths, default=0),

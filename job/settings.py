@@ -14,6 +14,7 @@ huggingface_hub, the AWS credential chain and `AWS_ENDPOINT_URL(_S3)` by boto3.
 from __future__ import annotations
 
 import contextvars
+import logging
 import os
 import re
 import secrets
@@ -312,6 +313,16 @@ class JobSettings(BaseSettings):
     #: Read from the standard `HF_TOKEN`; passed to huggingface_hub explicitly and never printed.
     hf_token: SecretStr | None = Field(None, validation_alias=AliasChoices("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"))
 
+    @field_validator("hf_token", mode="before")
+    @classmethod
+    def _hf_token(cls, v):
+        # As huggingface_hub cleans the HF_TOKEN it reads itself (utils/_auth.py's _clean_token): a token from a file
+        # or `echo` (a Kubernetes secret made with --from-file) ends with a newline, which no HTTP header may hold;
+        # passed on as it was, every Hub request failed as "can't be reached".
+        if isinstance(v, str):
+            v = v.replace("\r", "").replace("\n", "").strip() or None
+        return v
+
     @field_validator("run_id")
     @classmethod
     def _run_id(cls, v: str | None) -> str | None:
@@ -407,11 +418,13 @@ def _suggest(name: str, known: set[str]) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
-def load_settings(environ: Mapping[str, str] | None = None) -> JobSettings:
+def load_settings(environ: Mapping[str, str] | None = None, *, trl: bool = True) -> JobSettings:
     """Build the settings from `environ` (default: the process environment).
 
     Raises ConfigError naming every missing, invalid or unknown JOB_ variable at once; values of secret
-    variables and of unknown variables (a mistyped secret, say) are never included.
+    variables and of unknown variables (a mistyped secret, say) are never included. `trl=False` (--print-config)
+    skips the check of JOB_TRAIN__*/JOB_DPO__* values against TRL's config classes, which imports the training
+    stack (seconds); the variables it leaves unchecked are logged.
     """
     env = dict(os.environ if environ is None else environ)
     known = _known_env_names()
@@ -449,6 +462,16 @@ def load_settings(environ: Mapping[str, str] | None = None) -> JobSettings:
         _environ.reset(token)
     # Every JOB_TRAIN__*/JOB_DPO__* value through TRL's own config classes, now, not after the downloads: the names
     # at once with the problems above (importing TRL costs seconds: only when there are such names), then the values.
+    if not trl:
+        if problems:
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+        for name, _, _ in trl_names:
+            logging.getLogger("job").warning("%s: passed to TRL, not checked here (--check and a run check it)", name)
+        for name, _ in lora_names:
+            logging.getLogger("job").warning("%s: passed to PEFT's LoraConfig, not checked here (--check and a run check "
+                                             "it)", name)
+        assert settings is not None
+        return settings
     from job import lora, trainargs
 
     problems += lora.name_problems(lora_names)
@@ -467,4 +490,5 @@ def load_settings(environ: Mapping[str, str] | None = None) -> JobSettings:
 def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
     """Values of the standard secret variables present, for redacting logs and errors."""
     env = os.environ if environ is None else environ
-    return [env[k] for k in SECRET_ENV_VARS if env.get(k) and len(env[k]) >= 4]
+    values = [env[k] for k in SECRET_ENV_VARS if env.get(k) and len(env[k]) >= 4]
+    return values + [v.strip() for v in values if v.strip() != v and len(v.strip()) >= 4]  # as used: see _hf_token

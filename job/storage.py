@@ -259,6 +259,7 @@ HF_ARTIFACT_FILES = ["adapter_config.json", "adapter_model.safetensors", "*.safe
 def _hf_error(exc: Exception, uri: HfUri, *, writing: bool = False) -> JobError:
     """A huggingface_hub exception as the job's error. `writing`: the URI is an output. Messages name the URI and
     never quote the exception, whose text can hold request URLs and headers."""
+    import httpx2
     from huggingface_hub import constants
     from huggingface_hub.errors import (
         BadRequestError,
@@ -304,8 +305,15 @@ def _hf_error(exc: Exception, uri: HfUri, *, writing: bool = False) -> JobError:
         return DataError(f"{uri}: file not found in the repository")
     if status in (401, 403):
         return ConfigError(f"{uri}: access denied ({status}); check HF_TOKEN")
-    # Connection errors, 5xx, a cache miss while the Hub was unreachable: running again may work.
-    return TransientError(f"{uri}: Hugging Face Hub request failed: {type(exc).__name__}")
+    # Connection errors, 5xx, a cache miss while the Hub was unreachable: running again may work. The cause's type
+    # only (RevisionResolutionError wraps it): its text can hold request URLs and headers.
+    cause = exc.__cause__ if isinstance(exc, RevisionResolutionError) and exc.__cause__ is not None else exc
+    if status is None and isinstance(cause, (OSError, httpx2.TransportError)):
+        return TransientError(f"{uri}: the Hub at {constants.ENDPOINT} can't be reached ({type(cause).__name__}): check "
+                              "the network, a proxy (HTTPS_PROXY) or HF_ENDPOINT; or set HF_HUB_OFFLINE=1 to use a filled "
+                              "HF_HOME cache")
+    what = f"answered {status}" if status else f"request failed ({type(cause).__name__})"
+    return TransientError(f"{uri}: the Hugging Face Hub at {constants.ENDPOINT} {what}; running again may work")
 
 
 def _hf_pull(uri: HfUri, dest: Path, include: list[str] | None, token: str | None) -> tuple[Path, dict]:

@@ -75,3 +75,47 @@ def test_a_sigterm_while_an_error_is_reported_or_the_process_exits_changes_nothi
     r = subprocess.run([sys.executable, "-c", script, "--print-config"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == ExitCode.OK and "Traceback" not in r.stderr and "Preempted" not in r.stderr, r.stderr[-2000:]
     assert json.loads(r.stdout)["stage"] == "sft"
+
+
+def test_the_readme_installs_the_tested_versions_for_the_demo_and_the_tests():
+    """`pip install .` alone takes the newest releases (transformers 5.25 and accelerate 1.16 once they were out, against
+    the tested 5.24 and 1.15): both of the README's install commands pin the lock's versions."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    installs = re.findall(r"^python3 -m venv \.venv && (.*)$", readme, re.M)
+    assert any("qlora-job demo" in line for line in installs) and len(installs) >= 2, installs
+    for line in installs:
+        assert re.search(r"pip install [^&]* -c docker/constraints\.txt", line), line
+
+
+def test_the_noise_filters_drop_their_messages_and_nothing_else(caplog):
+    """job/logs.py's NOISE, record by record: each message is dropped where its library logs it, other messages of the
+    same logger are kept. (The bitsandbytes one end to end: tests/test_evaluate.py's runs, on an AVX512-BF16 CPU.)"""
+    import logging
+
+    from job import logs
+
+    logs.drop_noise()
+    logs.drop_noise()  # idempotent: one filter per message
+    for name, prefix, _ in logs.NOISE:
+        logger = logging.getLogger(name)
+        assert sum(isinstance(f, logs._DropNoise) for f in logger.filters) == sum(n == name for n, _, _ in logs.NOISE)
+        with caplog.at_level(logging.WARNING, logger=name):
+            caplog.clear()
+            logger.warning(prefix + "%s", " details: pip install something")
+            logger.warning("something a user should read")
+        assert [r.getMessage() for r in caplog.records] == ["something a user should read"], name
+
+
+def test_print_config_answers_without_importing_the_training_stack():
+    """--print-config took 13-16 s on 2 cores importing torch, transformers and TRL it doesn't use. The TRL names it
+    can't check without them are listed, for --check."""
+    env = job_env(JOB_STAGE="sft", JOB_BASE_MODEL="org/model", JOB_DATA="/data/d.jsonl", JOB_OUTPUT="/out",
+                  JOB_TRAIN__NEFTUNE_NOISE_ALPHA="5", JOB_LOG_FORMAT="json")
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "job", "--print-config"], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["train"]["neftune_noise_alpha"] == "5"
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "job.settings" in imported  # the measurement works
+    assert not imported & {"torch", "transformers", "trl", "datasets", "peft", "bitsandbytes", "accelerate"}
+    assert "JOB_TRAIN__NEFTUNE_NOISE_ALPHA: passed to TRL, not checked here (--check and a run check it)" in r.stderr

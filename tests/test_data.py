@@ -360,3 +360,64 @@ def test_random_records_only_raise_data_error(tmp_path_factory, records, suffix,
 
             reject()  # Arrow can't hold these mixed types, so no Parquet file can either
     _read(path, stage)
+
+
+# ------------------------------------------------------------------------------------- data-folder surprises
+
+
+def test_gzipped_files_are_read_and_other_types_in_a_folder_are_named_as_skipped(tmp_path, caplog):
+    import gzip
+
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress('{"text": "Q1", "output": "A1"}\n'.encode()))
+    (tmp_path / "b.csv.gz").write_bytes(gzip.compress("instruction,output\nQ2,A2\n".encode()))
+    (tmp_path / "README.md").write_text("# my data\n")
+    (tmp_path / "old.zip").write_bytes(b"PK\x03\x04")
+    with caplog.at_level("INFO", logger="job.data"):
+        recs = load_records(tmp_path, "s3://b/data/", "sft", ColumnSettings())
+    assert [r["source"] for r in recs] == ["s3://b/data/a.jsonl.gz: row 1", "s3://b/data/b.csv.gz: row 1"]
+    assert recs[1]["completion"] == ASSISTANT("A2")
+    assert "skipped 2 file(s)" in caplog.text and "s3://b/data/README.md" in caplog.text and "old.zip" in caplog.text
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(DataError, match="bad.jsonl.gz: not a readable gzip file"):
+        load(tmp_path / "bad.jsonl.gz")
+
+
+def test_a_run_folder_inside_the_data_folder_is_skipped_not_read_as_data(tmp_path, caplog):
+    """JOB_OUTPUT inside JOB_DATA's folder: the next run found metrics.json (a pretty-printed object) and failed with
+    "one JSON object spread over N lines". The job's run folders (they hold identity.json, run.json or _SUCCESS)
+    are not data; everything under them is skipped and named."""
+    write(tmp_path / "train.jsonl", [{"text": "Q1", "output": "A1"}])
+    run = tmp_path / "runs" / "sft-1"
+    (run / "adapter").mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"stage": "sft", "steps": 3}, indent=2))
+    (run / "run.json").write_text(json.dumps({"run_id": "sft-1"}, indent=2))
+    write(run / "generations.jsonl", [{"prompt": "Q", "before": "x", "after": "y"}])
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps({"r": 8}, indent=2))
+    failed = tmp_path / "runs" / "sft-2"  # a run that stopped early: only its identity was uploaded
+    failed.mkdir()
+    (failed / "identity.json").write_text(json.dumps({"stage": "sft"}, indent=2))
+    with caplog.at_level("INFO", logger="job.data"):
+        recs = load_records(tmp_path, "/data", "sft", ColumnSettings())
+    assert [r["source"] for r in recs] == ["/data/train.jsonl: row 1"]
+    assert "skipped 5 file(s)" in caplog.text and "/data/runs/sft-1/metrics.json" in caplog.text
+
+
+def test_utf16_gets_a_hint_to_convert_it(tmp_path):
+    for enc in ("utf-16", "utf-16-le"):  # with a BOM (Excel's "Unicode text", Notepad) and without
+        (tmp_path / "d.jsonl").write_bytes('{"text": "質問", "output": "回答"}\n'.encode(enc))
+        with pytest.raises(DataError, match=r"d.jsonl: not valid UTF-8: it looks like UTF-16 .*iconv -f utf-16 -t utf-8"):
+            load(tmp_path / "d.jsonl")
+
+
+@pytest.mark.parametrize("row, column", [
+    ({"prompt": "1+1は？", "completion": 2}, "completion"),
+    ({"instruction": "1+1は？", "output": 2.0}, "output"),
+    ({"prompt": 7, "completion": "七"}, "prompt"),
+])
+def test_a_number_where_text_belongs_names_file_row_and_column(tmp_path, row, column):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([row]), tmp_path / "d.parquet")  # Parquet keeps the column's type: a number
+    with pytest.raises(DataError, match=rf"s3://b/d.parquet: row 1: column '{column}' must be text, got "):
+        load(tmp_path / "d.parquet")

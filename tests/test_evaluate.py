@@ -284,6 +284,11 @@ def test_sft_then_dpo_runs_report_generations_metrics_plot_tensorboard_and_a_sum
     assert f"qlora-job sft finished: {out}" in r.stdout and "5 steps, train loss" in r.stdout
     assert "generations.md" in r.stdout and "loss.png" in r.stdout
     assert f"prompt: {table[0]['prompt']!r}" in r.stdout and "before:" in r.stdout and "after:" in r.stdout
+    # The next step, with this run's adapter, and how to load it.
+    assert f"JOB_STAGE=dpo JOB_BASE_MODEL={tiny_model} JOB_ADAPTER={out / 'adapter'} JOB_OUTPUT={tmp_path / 'runs'} " \
+           "JOB_DATA=<your pairs> qlora-job" in r.stdout, r.stdout
+    assert f"model = PeftModel.from_pretrained(base, '{out / 'adapter'}')" in r.stdout
+    assert_no_noise(r.stderr)
 
     # DPO on that adapter, with held-out pairs: reward metrics, and a plot with reward accuracy and margin.
     r = run_job(job_env(**common, JOB_STAGE="dpo", JOB_DATA=str(DEMO_DATA / "dpo.csv"), JOB_RUN_ID="dpo",
@@ -296,3 +301,31 @@ def test_sft_then_dpo_runs_report_generations_metrics_plot_tensorboard_and_a_sum
     assert _png_size(out / "loss.png")[0] > 1500  # three panels: loss, reward accuracy, reward margin
     assert (out / "generations.md").exists() and metrics["generation_prompts"] >= 1
     assert "eval reward accuracy" in r.stdout and not (out / "tensorboard").exists()
+    assert f"JOB_STAGE=merge JOB_BASE_MODEL={tiny_model} JOB_ADAPTER={out / 'adapter'} JOB_OUTPUT={tmp_path / 'runs'} qlora-job" in r.stdout
+    assert_no_noise(r.stderr)
+
+
+#: Library output that alarms without telling a user of this job anything (job/logs.py's NOISE): bitsandbytes' missing
+#: optional CPU kernel (logged at its import on AVX512-BF16 CPUs, such as the development machine), and any hint at
+#: the trust_remote_code security switch.
+NOISE = ("gemm_4bit_forward", "pip install kernels", "trust_remote_code", "silently incorrect")
+
+
+def assert_no_noise(stderr: str) -> None:
+    found = [n for n in NOISE if n in stderr]
+    assert not found, [line for line in stderr.splitlines() if any(n in line for n in found)][:5]
+
+
+def test_the_loss_plot_labels_a_flat_loss_with_its_values_not_an_offset():
+    """A loss flat to 1e-6 (a converged or frozen run): with matplotlib's default offset notation the axis reads
+    0..4 "+6.931e-1" and the line looks like a steep fall; without it the labels are the values."""
+    from job.evaluate import loss_figure
+
+    history = [{"step": i, "loss": 0.6931470 + i * 1e-7} for i in range(1, 11)]
+    fig = loss_figure(history, "sft")
+    fig.canvas.draw()  # tick labels and the offset text are decided when drawing
+    [ax] = fig.axes
+    fmt = ax.yaxis.get_major_formatter()
+    assert fmt.get_offset() == ""
+    labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    assert labels and all(label.startswith("0.69314") for label in labels), labels

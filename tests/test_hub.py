@@ -113,7 +113,7 @@ def test_private_repo_with_a_wrong_or_no_token(hub, tmp_path):
                               hub_env(hub, tmp_path / "anon", HF_TOKEN=None, JOB_DATA=str(DEMO_DATA / "sft.jsonl")))
     # A token the Hub doesn't know: 401 "Invalid credentials in Authorization header" -> a configuration error.
     assert_failed_cleanly(tmp_path / "bad", bad, ExitCode.CONFIG)
-    assert f"hf://{MODEL}: access denied (401); check HF_TOKEN" in bad.stderr
+    assert f"JOB_BASE_MODEL: hf://{MODEL}: access denied (401); check HF_TOKEN" in bad.stderr
     assert_no_secret(tmp_path / "bad", bad, wrong)
     # No token: the Hub answers an anonymous request for a private repo exactly as for a missing one (401 RepoNotFound),
     # so the job can't tell "private" from "not there": a missing base model, exit 4 (MODEL), with a hint to set HF_TOKEN.
@@ -296,6 +296,29 @@ def test_push_errors_fail_before_any_download_with_their_exit_codes(hub, tmp_pat
     assert public.returncode == ExitCode.DATA, public.stderr[-3000:]
     assert not hub.repo("org/public-runs").private
     assert list(hub.repo("org/public-runs").files()) == [".gitattributes"]
+
+
+def test_an_unreachable_hub_names_the_variable_the_endpoint_and_the_cause(hub, tmp_path):
+    """No network: the error said only "Hugging Face Hub request failed: RevisionResolutionError"."""
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    down = run_job(hub_env(hub, tmp_path, HF_ENDPOINT=closed, JOB_DATA=str(DEMO_DATA / "sft.jsonl")), "--check")
+    assert_failed_cleanly(tmp_path, down, ExitCode.TRANSIENT)
+    assert f"JOB_BASE_MODEL: hf://{MODEL}: the Hub at {closed} can't be reached (ConnectError)" in down.stderr, down.stderr[-2000:]
+    assert "RevisionResolutionError" not in down.stderr
+
+
+def test_a_token_that_ends_with_a_newline_is_used_without_it(hub, tmp_path):
+    """A token from a file (a Kubernetes secret made --from-file, `echo` into a file) ends with a newline, which no
+    HTTP header may hold: every request failed as if the Hub were unreachable. It is cleaned as huggingface_hub cleans
+    the HF_TOKEN it reads itself, and still never printed."""
+    r = run_job(hub_env(hub, tmp_path, HF_TOKEN=FAKE_SECRET + "\n", JOB_DATA=str(DEMO_DATA / "sft.jsonl")), "--check")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {q.authorization for q in hub.requests if MODEL in q.path} >= {f"Bearer {FAKE_SECRET}"}
+    assert_no_secret(tmp_path, r)
 
 
 def test_offline_runs_use_the_cache_and_a_cache_miss_is_permanent(hub, tmp_path):

@@ -122,9 +122,9 @@ def test_oom_with_checkpointing_off_starts_again_with_it_on(tiny_model, tmp_path
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, ExitCode.INTERRUPTED), (signal.SIGTERM, ExitCode.PREEMPTED)])
 def test_a_signal_while_the_job_is_starting_stops_it_quietly(sig, code, tmp_path):
     env = job_env(JOB_STAGE="sft", JOB_BASE_MODEL=str(tmp_path), JOB_DATA=str(tmp_path), JOB_OUTPUT=str(tmp_path / "o"))
-    proc = subprocess.Popen([sys.executable, "-m", "job", "--print-config"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "job", "--check"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    time.sleep(0.8)  # Python is up and importing torch, transformers and TRL
+    time.sleep(0.8)  # Python is up and importing torch, transformers and TRL (--check needs them; --print-config no longer does)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err[-2000:]

@@ -138,3 +138,42 @@ def test_each_lora_variant_learns_the_facts(small_facts, variant, one_thread, ca
     assert config["use_rslora"] is (variant == "rslora") and config["use_dora"] is (variant == "dora")
     assert config["init_lora_weights"] == ("orthogonal" if variant == "orthogonal-init" else True)
     assert any("LoRA+: B matrices at 16 x" in r.getMessage() for r in caplog.records) is (variant == "loraplus")
+
+
+def test_the_demo_teaches_and_its_summary_shows_it(tmp_path):
+    """`qlora-job demo`, the README's first command, as a user runs it: the SFT run answers the made-up facts it was
+    taught (the random base answers none), DPO moves the answers to the preferred style, and the closing summary
+    shows both with a few before/after pairs and where the files are. Its plan's figures are the run's."""
+    import re
+    import subprocess
+    import time
+
+    from job.demo import DPO_FILE, SFT_FILE
+
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "job", "demo", str(tmp_path / "demo")], env=job_env(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+    print(f"demo: {time.monotonic() - t0:.0f}s\n" + r.stdout)  # the figures docs/notes/b1.md quotes (pytest -s)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = tmp_path / "demo" / "runs"
+    sft, dpo = (json.loads((runs / name / "metrics.json").read_text()) for name in ("demo-sft", "demo-dpo"))
+    assert sft["generation_prompts"] == 32
+    assert sft["generation_exact_match_before"] == 0 and sft["generation_exact_match_after"] >= 0.8, sft
+    # DPO: every prompt, the chosen (polite) answer as the reference; "before" is the SFT adapter, which answers as
+    # its data did (12 of 32 polite).
+    polite = lambda run, side: sum(g[side].endswith("です。") for g in generations(runs / run)) / 32  # noqa: E731
+    assert dpo["generation_exact_match_before"] == polite("demo-dpo", "before") == 12 / 32, dpo
+    assert dpo["generation_exact_match_after"] >= 0.75 and polite("demo-dpo", "after") >= 0.75, dpo
+    assert dpo["eval_reward_accuracy"] >= 0.75, dpo
+    # The summary: the figures, a few pairs, where the files are.
+    out = r.stdout[r.stdout.index("qlora-job demo finished"):]
+    assert f"0% before (the random base model) -> {sft['generation_exact_match_after']:.0%} after" in out
+    assert f"38% before (base + the SFT adapter) -> {dpo['generation_exact_match_after']:.0%} after" in out
+    assert len(re.findall(r"before: .* after: ", out)) == 6 and f"files: {runs / 'demo-dpo'}/" in out
+    assert (tmp_path / "demo" / "data" / SFT_FILE).exists() and (tmp_path / "demo" / "data" / DPO_FILE).exists()
+    # The plan logged before each run says what the run then did: tokens (DPO: both sequences of every pair) and
+    # micro-batches (24 training pairs in a batch of 32: one micro-batch of 24, not 32).
+    plans = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{") and '"event": "plan"' in line]
+    assert [p["tokens"] for p in plans] == [sft["tokens"], dpo["tokens"]]
+    assert [p["micro_batch"] for p in plans] == [sft["micro_batch"], dpo["micro_batch"]] == [{"rows": 32, "per_step": 1},
+                                                                                         {"rows": 24, "per_step": 1}]
