@@ -162,32 +162,46 @@ def test_out_of_memory_gives_the_merged_micro_batch_back_first(tiny_model, tmp_p
     assert not (tmp_path / "out" / "asked" / "_SUCCESS").exists()
 
 
-def _choose(rank: int, init: str, chosen: list[int], out):
+def _choose(rank: int, init: str, chosen: list, out):
     import torch.distributed as dist
 
-    from job.stages.common import _same_on_every_process
+    from job.stages.common import MemoryPlan, _same_on_every_process
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
-        out.put((rank, _same_on_every_process(chosen[rank])))
+        for plans in chosen:
+            out.put((rank, _same_on_every_process(MemoryPlan(*plans[rank]))))
     finally:
         dist.destroy_process_group()
 
 
-def test_processes_with_different_free_memory_agree_on_the_smallest_micro_batch(tmp_path):
+def test_processes_with_different_free_memory_agree_on_one_memory_plan(tmp_path):
     """Two GPUs with different free memory may choose differently; processes accumulating over different numbers of
-    micro-batches would hang at the gradient all-reduce, so every process takes the smallest choice."""
+    micro-batches would hang at the gradient all-reduce, and checkpointing or the dequantized copy on one rank only
+    would run the other out of memory. Every process takes the most careful choice of each: checkpointing if any
+    chose it, the copy only if all did, the smallest micro-batch."""
     import torch.multiprocessing as mp
 
+    from job.stages.common import MemoryPlan
+
+    chosen = [[(False, True, 16), (False, True, 8)],  # (checkpointing, dequantized copy, micro-batch rows) per rank
+              [(False, True, 16), (True, False, 4)],
+              [(False, False, 8), (False, True, 8)]]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_choose, args=(rank, f"file://{tmp_path / 'store'}", [16, 8], out)) for rank in (0, 1)]
+    procs = [ctx.Process(target=_choose, args=(rank, f"file://{tmp_path / 'store'}", chosen, out)) for rank in (0, 1)]
     for p in procs:
         p.start()
-    results = dict(out.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-    assert results == {0: 8, 1: 8}
+    try:
+        results = [out.get(timeout=120) for _ in range(2 * len(chosen))]
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    agreed = [MemoryPlan(False, True, 8), MemoryPlan(True, False, 4), MemoryPlan(False, False, 8)]
+    for rank in (0, 1):
+        assert [plan for r, plan in results if r == rank] == agreed
 
 
 def test_a_run_stopped_with_merged_steps_resumes_with_split_ones_and_trains_the_same_adapter(tiny_model, tmp_path):
