@@ -200,6 +200,7 @@ def _train_once(s, plan, base_dir, stop, progress_bar, *, forced, used):
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
         stop.training = False
+    stop.finished = True
     if stop.received:
         raise Preempted(f"{stop.received} received: checkpoint at step {trainer.state.global_step} uploaded to {checkpoints}",
                         signal_name=stop.received)
