@@ -120,3 +120,20 @@ def test_any_field_of_the_stages_trl_config_can_be_set_by_name():
     s = load_settings({**BASE, "JOB_STAGE": "dpo", "JOB_DPO__PRECOMPUTE_REF_LOG_PROBS": "true", "JOB_DPO__BETA": "0.3"})
     args = trainargs.build(s, trainargs.Runtime())
     assert args.precompute_ref_log_probs is True and args.beta == 0.3 and args.loss_type == ["sigmoid"]
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_ddp_does_not_rebroadcast_buffers_before_each_forward(stage, tmp_path):
+    """DDP sends every registered buffer from rank 0 before each forward unless told not to: the dequantized copy of
+    the base is one (24 GiB per micro-batch at 13B), RoPE's inv_freq another, and none changes in training. The
+    setting reaches the DDP wrapper accelerate builds (transformers' Trainer passes it as a kwargs handler)."""
+    import torch
+    from transformers import Trainer
+
+    from job import trainargs
+
+    s = load_settings({"JOB_STAGE": stage, "JOB_BASE_MODEL": "/m", "JOB_DATA": "/d", "JOB_OUTPUT": str(tmp_path)})
+    args = trainargs.build(s, trainargs.Runtime(output_dir=str(tmp_path / "c")))
+    assert args.ddp_broadcast_buffers is False
+    trainer = Trainer(model=torch.nn.Linear(2, 2), args=args)
+    assert trainer.accelerator.ddp_handler.broadcast_buffers is False
