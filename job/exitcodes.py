@@ -22,6 +22,11 @@ class ExitCode(IntEnum):
     MODEL = 4
     #: Out of GPU memory with this configuration: lower the batch size or max length.
     OOM = 5
+    #: The pod's own disk failed: JOB_WORKDIR or a local JOB_OUTPUT full, read-only or giving I/O errors (the message
+    #: names the path, the variable and the free space). Retryable: a new pod gets a fresh ephemeral disk and resumes
+    #: from the last uploaded checkpoint (local checkpoints are pruned, so a run's need stays about one checkpoint);
+    #: a volume that is simply too small fails backoffLimit times, each with this message.
+    LOCAL_STORAGE = 74  # EX_IOERR
     #: Storage or network failure after the client's own retries (S3, Hugging Face Hub): retry.
     TRANSIENT = 75  # EX_TEMPFAIL
     #: Stopped by SIGINT (Ctrl-C); a checkpoint was uploaded if training had started: rerun to continue.
@@ -31,4 +36,4 @@ class ExitCode(IntEnum):
 
 
 PERMANENT = frozenset({ExitCode.CONFIG, ExitCode.DATA, ExitCode.MODEL, ExitCode.OOM})
-RETRYABLE = frozenset({ExitCode.TRANSIENT, ExitCode.INTERRUPTED, ExitCode.PREEMPTED})
+RETRYABLE = frozenset({ExitCode.LOCAL_STORAGE, ExitCode.TRANSIENT, ExitCode.INTERRUPTED, ExitCode.PREEMPTED})
