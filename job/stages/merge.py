@@ -154,6 +154,7 @@ def run(s: JobSettings) -> str:
         "versions": outputs.versions(),
     })
     outputs.publish(out, remote, token)
+    outputs.clean_workdir(s, workdir)  # the merged model is uploaded (JOB_KEEP_WORKDIR=true keeps it)
     log.info("done: %s", remote, extra={"fields": {"event": "done", "output": str(remote)}})
     return str(remote)
 
