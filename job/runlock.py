@@ -10,7 +10,8 @@ one exits 2 naming JOB_RUN_ID while the first is alive.
   taken over once it is JOB_LOCK_TTL seconds old by the server's clock. A later attempt of the same Kubernetes Job
   (same JOB_ATTEMPT_GROUP: the manifests set it to the Job's uid) takes it over at once: attempts of one Job never
   overlap (podReplacementPolicy: Failed), so the holder is a dead predecessor.
-- Local (and mounted) directories: an advisory `flock` on the lock file, released by the kernel when its process ends.
+- Local (and mounted) directories: an advisory `flock` on the lock file, released by the kernel when its process ends;
+  the file is removed at the end.
 - hf://: the Hub has no conditional writes on files; its commits are atomic and the run's outputs are one commit, so
   two runs end as two commits, the later one winning. No lock (a log line says so).
 
@@ -67,23 +68,34 @@ class _LocalLock:
     def acquire(self) -> None:
         import fcntl
 
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the run's life
-        except OSError as exc:
-            if errno.errorcode.get(exc.errno) in DISK_ERRNOS:
-                raise  # the disk's problem: exit 74 (job/__main__.py)
-            raise ConfigError(f"JOB_OUTPUT: {self.s.output}: can't write {self.path} ({exc.strerror or exc})") from None
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
+        for _ in range(3):
             try:
-                holder = json.loads(f.read() or "{}")
-            except ValueError:
-                holder = {}
-            f.close()
-            raise _busy(self.run_id, str(self.path), holder, None, self.s.lock_ttl) from None
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the run's life
+            except OSError as exc:
+                if errno.errorcode.get(exc.errno) in DISK_ERRNOS:
+                    raise  # the disk's problem: exit 74 (job/__main__.py)
+                raise ConfigError(f"JOB_OUTPUT: {self.s.output}: can't write {self.path} ({exc.strerror or exc})") from None
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                try:
+                    holder = json.loads(f.read() or "{}")
+                except ValueError:
+                    holder = {}
+                f.close()
+                raise _busy(self.run_id, str(self.path), holder, None, self.s.lock_ttl) from None
+            try:
+                same = os.fstat(f.fileno()).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            f.close()  # locked a file its holder removed as it ended: lock the current one
+        else:
+            raise ConfigError(f"JOB_RUN_ID={self.run_id}: could not take the run lock {self.path}: it changed hands "
+                              "three times meanwhile; another run with this run id is starting")
         f.seek(0)
         f.truncate()
         f.write(json.dumps(_holder(self.s)) + "\n")
@@ -95,7 +107,9 @@ class _LocalLock:
 
     def release(self) -> None:
         if self.file is not None:
-            self.file.truncate(0)  # the file stays: unlinking it could let two later runs lock two different files
+            # Removed while still locked: a run that opened it meanwhile sees that it was removed and takes the new one.
+            with contextlib.suppress(OSError):
+                self.path.unlink()
             self.file.close()  # closing drops the flock
             self.file = None
 
