@@ -205,9 +205,11 @@ def hold(s, run_id: str, *, main: bool = True):
     except JobError as exc:
         if str(exc).startswith(("JOB_RUN_ID", "JOB_OUTPUT")):
             raise
-        # S3's own answers (no such bucket, access denied, unreachable): about JOB_OUTPUT, with their exit codes.
-        error = ConfigError(f"JOB_OUTPUT: {exc}") if isinstance(exc, DataError) else exc
-        error.args = (f"JOB_OUTPUT: {exc}",)
+        # S3's own answers (no such bucket, access denied, unreachable): about JOB_OUTPUT and the run (the lock is
+        # its first write), with their exit codes.
+        message = f"JOB_OUTPUT: {str(exc).replace(str(uri), str(output.join(run_id)))}"
+        error = ConfigError(message) if isinstance(exc, DataError) else exc
+        error.args = (message,)
         raise error from None
     try:
         yield lock
