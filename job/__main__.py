@@ -5,10 +5,10 @@
                                run identity, EOS, length policy), and what the run would do; downloads data and
                                the model's small files only
     qlora-job --print-config   print the resolved configuration, secrets masked
-    qlora-job demo [DIR]       SFT then DPO of a tiny model on built-in data, on CPU, in a couple of minutes
+    qlora-job demo [DIR]       SFT then DPO of a tiny model on built-in data, on CPU, in under a minute
 
-Exit codes: see job/exitcodes.py (0 ok, 1 internal, 2 config, 3 data, 4 model, 5 GPU OOM, 6 diverged, 75 transient,
-130 interrupted, 143 stopped).
+Exit codes: see job/exitcodes.py (0 ok, 1 internal, 2 config, 3 data, 4 model, 5 GPU OOM, 6 diverged, 74 local disk,
+75 transient, 130 interrupted, 143 stopped).
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ for _sig in (signal.SIGINT, signal.SIGTERM):
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import os  # noqa: E402
 
-from job.errors import JobError  # noqa: E402
+from job.errors import JobError, local_storage_error  # noqa: E402
 from job.exitcodes import ExitCode  # noqa: E402
 
 log = logging.getLogger("job")
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     # Before anything imports the training stack: its noise filters must be in place when bitsandbytes logs at its
     # import, and --print-config needs none of it (torch, transformers, TRL: 10+ s of imports on 2 CPU cores).
     logs.setup("auto", secret_values(), libraries=not args.print_config)
+    settings = None
     try:
         if args.print_config:
             print(json.dumps(load_settings(trl=False).masked(), ensure_ascii=False, indent=2))
@@ -83,21 +85,61 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.OK
     except JobError as exc:
         _settle()
-        log.error("%s", exc, extra={"fields": {"event": "error", "exit_code": int(exc.exit_code), "error": type(exc).__name__}})
-        return exc.exit_code
+        return _report(exc)
     except Exception as exc:
         _settle()
         import torch
 
         if isinstance(exc, torch.OutOfMemoryError):
-            log.error("out of GPU memory: lower JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE or JOB_TRAIN__MAX_LENGTH, or set "
-                      "JOB_TRAIN__GRADIENT_CHECKPOINTING=true", extra={"fields": {"event": "error", "exit_code": int(ExitCode.OOM)}})
+            message = ("out of GPU memory: lower JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE or JOB_TRAIN__MAX_LENGTH, or set "
+                       "JOB_TRAIN__GRADIENT_CHECKPOINTING=true")
+            log.error(message, extra={"fields": {"event": "error", "exit_code": int(ExitCode.OOM)}})
+            _termination_message(ExitCode.OOM, message)
             return ExitCode.OOM
+        disk = local_storage_error(exc, _local_dirs(settings))
+        if disk is not None:  # the pod's disk, not a bug: no traceback, the path and variable named
+            return _report(disk)
         log.exception("internal error (a bug; please report it): %s", type(exc).__name__,
                       extra={"fields": {"event": "error", "exit_code": int(ExitCode.INTERNAL)}})
+        _termination_message(ExitCode.INTERNAL, f"internal error (a bug; please report it): {type(exc).__name__}")
         return ExitCode.INTERNAL
     finally:
         _settle()  # every way out of main(): from here to the exit a signal would only turn the decided code into a traceback
+
+
+def _report(exc: JobError) -> int:
+    log.error("%s", exc, extra={"fields": {"event": "error", "exit_code": int(exc.exit_code), "error": type(exc).__name__}})
+    _termination_message(exc.exit_code, str(exc))
+    return exc.exit_code
+
+
+def _local_dirs(settings) -> dict[str, str]:
+    """The local directories a disk error may be in, by variable: the scratch directory first (it writes the most)."""
+    if settings is None:
+        return {}
+    from job.storage import LocalUri, parse_uri
+
+    out = {"JOB_WORKDIR": settings.workdir}
+    if isinstance(parse_uri(settings.output), LocalUri):
+        out["JOB_OUTPUT"] = settings.output
+    return out
+
+
+def _termination_message(code: int, message: str) -> None:
+    """The failure's one-line reason where Kubernetes reads it (the container's terminationMessagePath), so that
+    `kubectl describe pod` and the Job's status say why without the logs. Redacted like the logs; best effort."""
+    from job import logs
+    from job.settings import termination_log_path
+
+    path, explicit = termination_log_path()
+    if not path or not (explicit or os.path.exists(path)):  # outside Kubernetes: never create /dev/termination-log
+        return
+    line = logs.redact(" ".join(f"exit {int(code)} ({ExitCode(code).name.lower()}): {message}".split()))
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(line[:4000] + "\n")  # the kubelet keeps at most 4096 bytes
+    except OSError as exc:
+        log.warning("could not write the termination message to %s: %s", path, exc.strerror or exc)
 
 
 def _settle() -> None:

@@ -26,6 +26,11 @@ class ExitCode(IntEnum):
     #: Training diverged: a loss, gradient norm or adapter weight became NaN or infinite (the message names the step);
     #: lower JOB_TRAIN__LEARNING_RATE. The last good checkpoint is kept; nothing is marked successful.
     DIVERGED = 6
+    #: The pod's own disk failed: JOB_WORKDIR or a local JOB_OUTPUT full, read-only or giving I/O errors (the message
+    #: names the path, the variable and the free space). Retryable: a new pod gets a fresh ephemeral disk and resumes
+    #: from the last uploaded checkpoint (local checkpoints are pruned, so a run's need stays about one checkpoint);
+    #: a volume that is simply too small fails backoffLimit times, each with this message.
+    LOCAL_STORAGE = 74  # EX_IOERR
     #: Storage or network failure after the client's own retries (S3, Hugging Face Hub): retry.
     TRANSIENT = 75  # EX_TEMPFAIL
     #: Stopped by SIGINT (Ctrl-C); a checkpoint was uploaded if training had started: rerun to continue.
@@ -35,4 +40,4 @@ class ExitCode(IntEnum):
 
 
 PERMANENT = frozenset({ExitCode.CONFIG, ExitCode.DATA, ExitCode.MODEL, ExitCode.OOM, ExitCode.DIVERGED})
-RETRYABLE = frozenset({ExitCode.TRANSIENT, ExitCode.INTERRUPTED, ExitCode.PREEMPTED})
+RETRYABLE = frozenset({ExitCode.LOCAL_STORAGE, ExitCode.TRANSIENT, ExitCode.INTERRUPTED, ExitCode.PREEMPTED})

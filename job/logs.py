@@ -27,6 +27,19 @@ class _RedactFilter(logging.Filter):
         return True
 
 
+class _Handler(logging.StreamHandler):
+    """A stream handler that lets the job's own errors through: logging swallows whatever `emit` raises (it prints
+    "--- Logging error ---" and goes on), so a SIGTERM whose Preempted was raised inside a log call was lost and the
+    run went on to exit 0."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        from job.errors import JobError
+
+        if isinstance(sys.exc_info()[1], JobError):
+            raise  # noqa: PLE0704 - called from emit's except block: the exception being handled
+        super().handleError(record)
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {
@@ -81,7 +94,7 @@ def setup(log_format: str, secrets: list[str], libraries: bool = True) -> bool:
     global _secrets
     _secrets = sorted(set(secrets), key=len, reverse=True)
     as_json = use_json(log_format)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Handler(sys.stderr)
     handler.addFilter(_RedactFilter())
     handler.setFormatter(_JsonFormatter() if as_json else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     root = logging.getLogger()

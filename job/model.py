@@ -113,6 +113,35 @@ def model_errors(s: JobSettings, doing: str):
         raise ModelError(f"JOB_BASE_MODEL: {s.base_model}: {doing}: {exc}") from None
 
 
+def safetensors_problem(path: Path) -> str | None:
+    """Whether a .safetensors file holds what its header says (a truncated download, a full disk while copying);
+    reads the header only."""
+    import struct
+
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n)) if 8 + n <= size else None
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0) if header else None
+    except (struct.error, ValueError, KeyError, TypeError, IndexError):
+        end = None
+    if end is None:
+        return f"{path.name} is truncated or damaged ({size} bytes, no valid header)"
+    if 8 + n + end != size:
+        return f"{path.name} is truncated or damaged ({size} bytes, its header says {8 + n + end})"
+    return None
+
+
+def check_safetensors(model_dir: Path, variable: str, shown: str) -> None:
+    """Every *.safetensors file under `model_dir` is whole: a ModelError naming the variable and the file instead of
+    the loader's traceback."""
+    for path in sorted(model_dir.glob("*.safetensors")):
+        problem = safetensors_problem(path)
+        if problem:
+            raise ModelError(f"{variable}: {shown}: {problem}: download or copy it again")
+
+
 def load_base_model(model_dir: Path, settings: JobSettings):
     from transformers import AutoModelForCausalLM
 
@@ -122,6 +151,7 @@ def load_base_model(model_dir: Path, settings: JobSettings):
 
     from job import fastpaths
 
+    check_safetensors(model_dir, "JOB_BASE_MODEL", settings.base_model)
     device = device_for_rank()
     with model_errors(settings, "can't load the model"):
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=settings.trust_remote_code)

@@ -388,3 +388,23 @@ def publish(local: Path, remote: storage.Uri, token: str | None) -> None:
         return
     storage.push(local, remote, token)
     storage.push(marker, remote.join("_SUCCESS"), token)
+
+
+def clean_workdir(s, workdir: Path) -> None:
+    """After the run's outputs are uploaded: its scratch folder under JOB_WORKDIR (downloaded data and weights, local
+    checkpoints, the outputs; a merged model, 26 GB at 13B) is removed, unless JOB_KEEP_WORKDIR=true. Local inputs
+    are used in place: a folder that holds one is kept."""
+    import shutil
+
+    from job.errors import path_inside
+
+    if s.keep_workdir:
+        log.info("JOB_KEEP_WORKDIR=true: the run's scratch folder %s is kept", workdir)
+        return
+    inputs = [p for p in (s.data, s.eval_data, s.base_model, s.adapter, s.eval_prompts)
+              if p and isinstance(storage.parse_uri(p), storage.LocalUri)]
+    if any(path_inside(p, str(workdir)) for p in inputs):
+        log.warning("the run's scratch folder %s holds an input of this run: kept", workdir)
+        return
+    shutil.rmtree(workdir, ignore_errors=True)
+    log.info("removed the run's scratch folder %s (everything in it is uploaded; JOB_KEEP_WORKDIR=true keeps it)", workdir)

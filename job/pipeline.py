@@ -9,13 +9,14 @@ push -> _SUCCESS.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from job import divergence, preflight, storage
+from job import divergence, preflight, runlock, storage
 from job.checkpoints import CheckpointCallback, StopSignal, pull_latest
 from job.distributed import first_process_per_node as _first_process_per_node
 from job.distributed import same_on_every_process as _same_on_every_process
@@ -38,19 +39,27 @@ def check(s: JobSettings) -> dict:
 
 def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = False) -> str:
     """Run one stage; returns the URI of the run's outputs. Raises JobError subclasses for expected failures."""
-    import torch
-
-    from job import evaluate, outputs
-
     if s.stage == "merge":  # no data, no training: its own module
         from job.stages import merge
 
         return merge.run(s)
     stop = stop or StopSignal()
-    started = datetime.now(timezone.utc)
-    t0 = time.monotonic()
     state = _distributed_state()
     run_id = _same_on_every_process(s.resolved_run_id())
+    # 0. One run per run id: a second start while this one is alive exits 2 (job/runlock.py). Taken before the
+    #    preflight, whose JOB_RESTART=true would otherwise empty a running run's folder.
+    with runlock.hold(s, run_id, main=state.is_main_process) as lock:
+        return _run(s, run_id, state, lock, stop, progress_bar)
+
+
+def _run(s: JobSettings, run_id: str, state, lock, stop: StopSignal, progress_bar: bool) -> str:
+    """The run, holding its lock."""
+    import torch
+
+    from job import evaluate, outputs
+
+    started = datetime.now(timezone.utc)
+    t0 = time.monotonic()
     tok = preflight.token(s)
 
     # 1. Everything that can fail before the weights: writability, data, model identity and modules, run identity,
@@ -83,6 +92,8 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
 
     # 5. Outputs: written locally, uploaded, then _SUCCESS last. Only one process uploads.
     if not trainer.is_world_process_zero():
+        if state.is_local_main_process:  # another node's scratch folder: rank 0 uploads what counts
+            outputs.clean_workdir(s, plan.workdir)
         return str(remote)
     divergence.check_weights(trainer.model, trainer.state.global_step, s.train.learning_rate)  # never publish NaN weights
     after = evaluate.generate_after(trainer, plan.tokenizer, plan.prompts, s)  # the trained adapter's answers
@@ -113,10 +124,12 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
         "device": str(next(trainer.model.parameters()).device),
         "world_size": trainer.args.world_size,
     })
+    lock.check()  # still this run's: one whose heartbeat failed for JOB_LOCK_TTL may have been taken over
     outputs.publish(out, remote, tok)
     storage.delete(remote.join("checkpoints"), tok)  # the run is complete; its checkpoints are no longer needed
     log.info("done: %s", remote, extra={"fields": {"event": "done", "output": str(remote), "metrics": metrics}})
     print(evaluate.summary(out, str(remote), trainer.state.log_history), flush=True)
+    outputs.clean_workdir(s, plan.workdir)  # all of it is uploaded (JOB_KEEP_WORKDIR=true keeps it)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return str(remote)
@@ -127,10 +140,12 @@ def _train(s: JobSettings, plan: preflight.Plan, base_dir: Path, stop: StopSigna
     (the estimate behind it can be wrong: allocator fragmentation, another process on the GPU) starts again from its
     last checkpoint without that choice, the last one made first: the micro-batch as set (JOB_TRAIN__MERGE_MICRO_BATCHES),
     then without the dequantized copy of the base (JOB_QUANT__KEEP_DEQUANTIZED), then with gradient checkpointing on
-    (JOB_TRAIN__GRADIENT_CHECKPOINTING)."""
+    (JOB_TRAIN__GRADIENT_CHECKPOINTING). With several processes the one that ran out can't start again alone (the
+    others wait in the step's collectives): it records the choice in the run's storage and exits 75, and the retried
+    pod group starts with it."""
     import torch
 
-    forced: dict = {"checkpointing": None, "keep_dequantized": None, "micro_batch_rows": None}
+    forced: dict = {"checkpointing": None, "keep_dequantized": None, "micro_batch_rows": None, **_recorded_choices(s, plan)}
     rows = s.train.per_device_train_batch_size
     while True:
         used: dict = {}
@@ -151,12 +166,38 @@ def _train(s: JobSettings, plan: preflight.Plan, base_dir: Path, stop: StopSigna
                        "starting again with it on"
             else:  # nothing left to try
                 raise OutOfMemory(_oom_message(s, used)) from None
+            if _distributed_state().num_processes > 1:
+                _record_choices(s, plan, forced)
+                raise TransientError(f"out of GPU memory {what.split(': starting again')[0]}: with several processes "
+                                     "this one can't start again alone; the retried pod group starts "
+                                     + what.split("starting again ")[-1]) from None
             log.warning("out of GPU memory %s", what, extra={"fields": {"event": "oom_retry"}})
         # Outside the except block, so that the failed attempt's frames (and its model) can be freed.
         used.clear()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+#: Under the run's checkpoints (deleted with them on success and by JOB_RESTART): the memory choices an earlier
+#: attempt with several processes gave up after running out of GPU memory.
+MEMORY_CHOICES = "memory_choices.json"
+
+
+def _record_choices(s: JobSettings, plan: preflight.Plan, forced: dict) -> None:
+    path = plan.workdir / MEMORY_CHOICES
+    path.write_text(json.dumps(forced) + "\n")
+    storage.push(path, plan.remote.join("checkpoints", MEMORY_CHOICES), preflight.token(s))
+
+
+def _recorded_choices(s: JobSettings, plan: preflight.Plan) -> dict:
+    uri = plan.remote.join("checkpoints", MEMORY_CHOICES)
+    if not storage.exists(uri, preflight.token(s)):
+        return {}
+    path, _ = storage.pull(uri, plan.workdir / "recorded", token=preflight.token(s))
+    choices = json.loads(Path(path).read_text())
+    log.info("memory choices of an earlier attempt that ran out of GPU memory: %s", choices)
+    return {k: v for k, v in choices.items() if v is not None}
 
 
 def _oom_message(s: JobSettings, used: dict) -> str:
@@ -208,6 +249,7 @@ def _train_once(s, plan, base_dir, stop, progress_bar, *, forced, used):
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
         stop.training = False
+    stop.finished = True
     if stop.received:
         raise Preempted(f"{stop.received} received: checkpoint at step {trainer.state.global_step} uploaded to {checkpoints}",
                         signal_name=stop.received)

@@ -23,6 +23,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,7 +41,8 @@ RESTARTED = "restarted.json"
 
 #: Settings that don't change what is trained: a rerun may change them and still continue the same run.
 OPERATIONAL = {"workdir", "log_format", "run_id", "restart", "restart_key", "hf_token", "output", "eval_prompts",
-               "eval_max_new_tokens", "hub_private", "max_over_length_share"}
+               "eval_max_new_tokens", "hub_private", "max_over_length_share", "keep_workdir", "lock_ttl",
+               "termination_log", "attempt_group"}
 #: How a step is computed, not what it computes: a retried pod on another GPU type may choose differently.
 OPERATIONAL_TRAIN = {"save_steps", "logging_steps", "report_to", "per_device_eval_batch_size", "eval_steps",
                      "merge_micro_batches", "offload_checkpoints"}
@@ -88,6 +91,12 @@ def token(s: JobSettings) -> str | None:
 
 
 def check_writable(s: JobSettings, remote: storage.Uri, workdir: Path, *, output: bool = True, dry: bool = False) -> None:
+    out = storage.parse_uri(s.output)
+    if isinstance(out, storage.LocalUri):  # scratch files would be published, or outputs deleted with the scratch files
+        w, o = Path(s.workdir).resolve(), out.path.resolve()
+        if w == o or w.is_relative_to(o) or o.is_relative_to(w):
+            raise ConfigError(f"JOB_WORKDIR={s.workdir} and JOB_OUTPUT={s.output} overlap: the scratch directory and the "
+                              "outputs must not contain each other; give them separate directories")
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         probe = workdir / ".write-probe"
@@ -125,6 +134,9 @@ def read_data(s: JobSettings, workdir: Path) -> Inputs:
             ident["sha256"] = {name: storage.sha256(p) for p, name in data.data_files(path, uri_text)}
             report: list = []
             sets[role] = data.load_records(path, uri_text, s.stage, s.columns, report=report)
+        except (PermissionError, IsADirectoryError) as exc:  # the file's own state, not the disk's: a data problem
+            raise DataError(f"{variable}: {exc.filename or uri_text}: can't read it ({exc.strerror}); make it readable "
+                            f"by the job's user (uid {os.getuid()})") from None
         except DataError as exc:
             raise DataError(f"{variable}: {exc}{_quoted_hint(uri_text)}") from None
         except JobError as exc:
@@ -262,6 +274,25 @@ def check_target_modules(s: JobSettings, model) -> None:
     if missing:
         raise ConfigError(f"JOB_LORA__TARGET_MODULES: {', '.join(repr(m) for m in missing)} not found in "
                           f"{type(model).__name__}; its linear layers are {', '.join(kinds)} (or use all-linear)")
+    # A name can match a container (self_attn, mlp) that LoRA can't adapt: PEFT decides what it supports, so let it
+    # adapt the meta model (no memory) exactly as the run will, and report what it refuses.
+    import copy
+
+    from peft import inject_adapter_in_model
+
+    from job.model import lora_config
+
+    try:
+        inject_adapter_in_model(lora_config(s.lora), copy.deepcopy(model), low_cpu_mem_usage=True)
+    except ValueError as exc:
+        kind = re.match(r"Target module (\w+)", str(exc))
+        names = [m for m in wanted if kind and any((n == m or n.endswith("." + m)) and type(mod).__name__ == kind.group(1)
+                                                   for n, mod in model.named_modules())]
+        raise ConfigError(f"JOB_LORA__TARGET_MODULES: {', '.join(map(repr, names)) or s.lora.target_modules} "
+                          f"{'is' if len(names) < 2 else 'are'} {kind.group(1) if kind else 'a module'} "
+                          f"{'layers' if len(names) > 1 else 'layer'}, which LoRA can't adapt (PEFT: "
+                          f"{str(exc).splitlines()[-1].strip()}); name linear layers: {', '.join(kinds)} "
+                          "(or use all-linear)") from None
 
 
 def check_adapter_fits(s: JobSettings, model, adapter_dir: Path) -> None:

@@ -30,6 +30,8 @@ from job.errors import ConfigError
 
 PREFIX = "JOB_"
 DELIM = "__"
+#: The container's terminationMessagePath in Kubernetes (its default).
+TERMINATION_LOG = "/dev/termination-log"
 
 #: Groups whose variables may name any field of TRL's SFTConfig/DPOConfig (checked by job/trainargs.py).
 OPEN_GROUPS = ("train", "dpo")
@@ -299,6 +301,17 @@ class JobSettings(BaseSettings):
     prompt_format: Literal["auto", "chat_template", "instruction"] = "auto"
     #: Local scratch directory for downloads and checkpoints.
     workdir: str = Field(default_factory=lambda: os.path.join(tempfile.gettempdir(), "qlora-job"))
+    #: Keep this run's scratch files (outputs, checkpoints, weights) in JOB_WORKDIR after they were uploaded.
+    keep_workdir: bool = False
+    #: Seconds a run's lock (`{run}/_LOCK` in JOB_OUTPUT) stays valid without its heartbeat: a run that died holds its
+    #: run id this long at most (job/runlock.py).
+    lock_ttl: int = Field(300, ge=10)
+    #: The attempts of one Kubernetes Job (the manifests set it to the Job's uid): a later attempt takes over the run
+    #: lock of an earlier one at once instead of waiting JOB_LOCK_TTL (attempts of one Job never overlap).
+    attempt_group: str | None = None
+    #: Where the failure's one-line reason goes (Kubernetes' terminationMessagePath). The default is written only
+    #: where it exists (the kubelet mounts it).
+    termination_log: str = TERMINATION_LOG
     trust_remote_code: bool = False
     #: `auto`: a progress bar on a terminal, JSON lines otherwise.
     log_format: Literal["auto", "json", "text"] = "auto"
@@ -366,6 +379,13 @@ class JobSettings(BaseSettings):
         data = self.model_dump(mode="json")
         data["hf_token"] = "***" if self.hf_token else None
         return data
+
+
+def termination_log_path(environ: Mapping[str, str] | None = None) -> tuple[str, bool]:
+    """JOB_TERMINATION_LOG, read alone (the failure may be that the other settings don't load): (path, set explicitly)."""
+    environ = os.environ if environ is None else environ
+    value = next((v for k, v in environ.items() if k.upper() == PREFIX + "TERMINATION_LOG" and v), None)
+    return (value, True) if value else (TERMINATION_LOG, False)
 
 
 def default_run_id(now: datetime | None = None) -> str:

@@ -661,3 +661,53 @@ def probe_write(uri: Uri, token: str | None = None, *, private: bool = True, dry
             api.auth_check(uri.repo_id, repo_type=uri.repo_type, write=True)
     except Exception as exc:
         raise _hf_error(exc, uri, writing=True) from None
+
+
+# ------------------------------------------------------------------------------------------- conditional writes (S3)
+# The run lock's primitives (job/runlock.py). S3 has compared-and-set writes since 2024 (If-None-Match: * to create,
+# If-Match: <etag> to replace); a store that ignores the headers makes the lock advisory only (docs/notes/a2.md).
+
+
+def s3_create_or_replace(uri: S3Uri, body: bytes, *, etag: str | None = None) -> str | None:
+    """Write `body` at `uri` only if nothing is there (`etag` None) or what is there still has `etag`; returns the new
+    etag, or None when the condition failed (someone else wrote first)."""
+    from botocore.exceptions import ClientError
+
+    condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+    try:
+        return _s3().put_object(Bucket=uri.bucket, Key=uri.key, Body=body, **condition)["ETag"]
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
+            return None
+        raise _s3_error(exc, uri) from None
+    except _s3_errors() as exc:
+        raise _s3_error(exc, uri) from None
+
+
+def s3_read_with_age(uri: S3Uri) -> tuple[bytes, str, float] | None:
+    """(body, etag, seconds since it was last written, by the server's own clock) of an object, or None if absent."""
+    from email.utils import parsedate_to_datetime
+
+    from botocore.exceptions import ClientError
+
+    try:
+        got = _s3().get_object(Bucket=uri.bucket, Key=uri.key)
+    except ClientError as exc:
+        if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+            return None
+        raise _s3_error(exc, uri) from None
+    except _s3_errors() as exc:
+        raise _s3_error(exc, uri) from None
+    date = got.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    now = parsedate_to_datetime(date) if date else None
+    age = (now - got["LastModified"]).total_seconds() if now else 0.0
+    return got["Body"].read(), got["ETag"], age
+
+
+def s3_delete_object(uri: S3Uri) -> None:
+    try:
+        _s3().delete_object(Bucket=uri.bucket, Key=uri.key)
+    except _s3_errors() as exc:
+        raise _s3_error(exc, uri) from None

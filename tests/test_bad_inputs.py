@@ -158,6 +158,17 @@ CASES = [
          ["JOB_TRUST_REMOTE_CODE=true"]),
     Case("adapter folder that is not an adapter", {"JOB_ADAPTER": "{d}/not-adapter"}, ExitCode.MODEL,
          ["JOB_ADAPTER:", "not a PEFT adapter"]),
+    Case("base model weights cut short", {"JOB_BASE_MODEL": "{d}/truncated"}, ExitCode.MODEL,
+         ["JOB_BASE_MODEL: {d}/truncated: model.safetensors is truncated or damaged"]),
+    Case("LoRA on a container module", {"JOB_LORA__TARGET_MODULES": "self_attn"}, ExitCode.CONFIG,
+         ["JOB_LORA__TARGET_MODULES: 'self_attn' is LlamaAttention layer, which LoRA can't adapt", "q_proj"]),
+    Case("LoRA on a container module, --check", {"JOB_LORA__TARGET_MODULES": "self_attn"}, ExitCode.CONFIG,
+         ["JOB_LORA__TARGET_MODULES: 'self_attn' is LlamaAttention layer, which LoRA can't adapt"], args=("--check",)),
+    # ---- local disks ----
+    Case("workdir is the output", {"JOB_WORKDIR": "{d}/out"}, ExitCode.CONFIG,
+         ["JOB_WORKDIR={d}/out and JOB_OUTPUT={d}/out overlap"]),
+    Case("workdir inside the output", {"JOB_WORKDIR": "{d}/out/scratch"}, ExitCode.CONFIG,
+         ["JOB_WORKDIR={d}/out/scratch and JOB_OUTPUT={d}/out overlap"]),
     Case("adapter of another base model", {"JOB_ADAPTER": "{d}/other-adapter"}, ExitCode.MODEL,
          ["JOB_ADAPTER:", "does not fit JOB_BASE_MODEL"]),
 ]
@@ -200,11 +211,15 @@ def fixtures(tiny_model, tmp_path_factory) -> dict:
     shutil.copytree(tiny_model, remote)
     cfg = json.loads((remote / "config.json").read_text())
     (remote / "config.json").write_text(json.dumps({**cfg, "model_type": "custom-llama", "auto_map": {"AutoConfig": "x.Config"}}))
+    truncated = root / "truncated"
+    shutil.copytree(tiny_model, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size * 2 // 3])  # a download cut short
     (root / "not-adapter").mkdir()
     (root / "not-adapter" / "model.safetensors").write_bytes((tiny_model / "model.safetensors").read_bytes())
     other = build_tiny_model(root / "other-base", demo_texts(DEMO_DATA), hidden=32)
     get_peft_model(AutoModelForCausalLM.from_pretrained(other), LoraConfig(r=4, target_modules="all-linear")).save_pretrained(root / "other-adapter")
-    return {"pickled": pickled, "remote-code": remote, "not-adapter": root / "not-adapter", "other-adapter": root / "other-adapter"}
+    return {"pickled": pickled, "remote-code": remote, "truncated": truncated, "not-adapter": root / "not-adapter", "other-adapter": root / "other-adapter"}
 
 
 @pytest.fixture(scope="module")

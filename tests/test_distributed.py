@@ -160,3 +160,52 @@ def test_a_hung_process_group_fails_with_every_workers_stack_instead_of_hanging(
     assert message.count("hang.py\", line 3") >= 2, message[-3000:]  # each worker's stack, at its sleep
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(script) not in ps
+
+
+SAVE = r'''
+import json, sys, time
+from pathlib import Path
+from types import SimpleNamespace
+import torch.distributed as dist
+from job import storage
+from job.checkpoints import CheckpointCallback, StopSignal
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+root, remote = Path(sys.argv[1]), storage.parse_uri(sys.argv[2])
+for step, nodes in ((5, 1), (6, 2)):
+    callback = CheckpointCallback(remote.join(f"{nodes}-node"), StopSignal(), None)  # one node (a shared disk), then two (a disk each, one process per node)
+    out = root / (f"node{rank}" if nodes == 2 else "node0")
+    folder = out / f"checkpoint-{step}"
+    folder.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        (folder / "adapter_model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+        (folder / "trainer_state.json").write_text("{}")
+    else:
+        time.sleep(2)  # the Trainer of rank 1 is still writing its RNG state when rank 0 reaches on_save
+    (folder / f"rng_state_{rank}.pth").write_bytes(b"rng")
+    args = SimpleNamespace(output_dir=str(out), process_index=rank, local_process_index=0 if nodes == 2 else rank)
+    callback.on_save(args, SimpleNamespace(global_step=step, is_world_process_zero=rank == 0), None)
+dist.destroy_process_group()
+'''
+
+
+def test_a_checkpoint_is_marked_complete_only_with_every_ranks_files_from_every_node(tmp_path):
+    """on_save ran on rank 0 while rank 1 was still writing rng_state_1.pth, and another node's RNG files were never
+    uploaded: the checkpoint was marked complete without them, and exact resume quietly broke. Here rank 1 writes its
+    file 2 s late, on a shared disk (one node) and then on a disk of its own (two nodes); older local checkpoints are
+    pruned once the new one is up."""
+    script = tmp_path / "save.py"
+    script.write_text(SAVE)
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    remote = tmp_path / "remote"
+    r = run_processes([torchrun, "--standalone", "--nproc-per-node", "2", str(script), str(tmp_path / "local"), str(remote)],
+                      job_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"), timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for step, nodes in ((5, 1), (6, 2)):
+        folder = remote / f"{nodes}-node" / f"checkpoint-{step}"
+        uploaded = {p.name for p in folder.iterdir()} if folder.exists() else set()
+        assert {"rng_state_0.pth", "rng_state_1.pth", "_COMPLETE"} <= uploaded, (nodes, uploaded)
+    assert json.loads((remote / "2-node" / "checkpoint-6" / "_COMPLETE").read_text())["files"]["rng_state_0.pth"] == 3
+    assert not (tmp_path / "local" / "node0" / "checkpoint-5").exists()  # and so does the local disk
+    assert (tmp_path / "local" / "node0" / "checkpoint-6").exists()

@@ -117,7 +117,9 @@ def job(s3, tiny_model, proxy, tmp_path):
                        JOB_BASE_MODEL=f"s3://{s3.bucket}/models/tiny/", JOB_DATA=f"s3://{s3.bucket}/data/train.jsonl",
                        JOB_OUTPUT=f"s3://{s3.bucket}/runs", JOB_WORKDIR=str(tmp_path / f"work{attempt}"), JOB_LOG_FORMAT="json",
                        JOB_TRAIN__MAX_STEPS="4", JOB_TRAIN__SAVE_STEPS="2", JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE="2",
-                       JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS="1", JOB_TRAIN__MAX_LENGTH="128", JOB_TRAIN__LOGGING_STEPS="1", **extra)
+                       JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS="1", JOB_TRAIN__MAX_LENGTH="128", JOB_TRAIN__LOGGING_STEPS="1",
+                       # as the base Job sets it: attempts of one Job take over each other's run lock (job/runlock.py)
+                       JOB_ATTEMPT_GROUP="the-job-uid", **extra)
 
     return env
 

@@ -162,32 +162,46 @@ def test_out_of_memory_gives_the_merged_micro_batch_back_first(tiny_model, tmp_p
     assert not (tmp_path / "out" / "asked" / "_SUCCESS").exists()
 
 
-def _choose(rank: int, init: str, chosen: list[int], out):
+def _choose(rank: int, init: str, chosen: list, out):
     import torch.distributed as dist
 
-    from job.stages.common import _same_on_every_process
+    from job.stages.common import MemoryPlan, _same_on_every_process
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
-        out.put((rank, _same_on_every_process(chosen[rank])))
+        for plans in chosen:
+            out.put((rank, _same_on_every_process(MemoryPlan(*plans[rank]))))
     finally:
         dist.destroy_process_group()
 
 
-def test_processes_with_different_free_memory_agree_on_the_smallest_micro_batch(tmp_path):
+def test_processes_with_different_free_memory_agree_on_one_memory_plan(tmp_path):
     """Two GPUs with different free memory may choose differently; processes accumulating over different numbers of
-    micro-batches would hang at the gradient all-reduce, so every process takes the smallest choice."""
+    micro-batches would hang at the gradient all-reduce, and checkpointing or the dequantized copy on one rank only
+    would run the other out of memory. Every process takes the most careful choice of each: checkpointing if any
+    chose it, the copy only if all did, the smallest micro-batch."""
     import torch.multiprocessing as mp
 
+    from job.stages.common import MemoryPlan
+
+    chosen = [[(False, True, 16), (False, True, 8)],  # (checkpointing, dequantized copy, micro-batch rows) per rank
+              [(False, True, 16), (True, False, 4)],
+              [(False, False, 8), (False, True, 8)]]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_choose, args=(rank, f"file://{tmp_path / 'store'}", [16, 8], out)) for rank in (0, 1)]
+    procs = [ctx.Process(target=_choose, args=(rank, f"file://{tmp_path / 'store'}", chosen, out)) for rank in (0, 1)]
     for p in procs:
         p.start()
-    results = dict(out.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-    assert results == {0: 8, 1: 8}
+    try:
+        results = [out.get(timeout=120) for _ in range(2 * len(chosen))]
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    agreed = [MemoryPlan(False, True, 8), MemoryPlan(True, False, 4), MemoryPlan(False, False, 8)]
+    for rank in (0, 1):
+        assert [plan for r, plan in results if r == rank] == agreed
 
 
 def test_a_run_stopped_with_merged_steps_resumes_with_split_ones_and_trains_the_same_adapter(tiny_model, tmp_path):
@@ -225,3 +239,43 @@ def test_a_run_stopped_with_merged_steps_resumes_with_split_ones_and_trains_the_
     assert metrics["micro_batch"] == {"rows": 2, "per_step": 2}
     assert metrics["tokens"] == json.loads((whole / "metrics.json").read_text())["tokens"]
     assert _max_difference(_adapter(whole), _adapter(spot)) <= 1e-7
+
+
+def test_with_several_processes_running_out_of_memory_exits_75_and_the_retry_starts_with_the_choice(tmp_path, monkeypatch):
+    import torch
+
+    """The retry after running out of GPU memory ran in the one process that ran out: it reloaded and entered
+    collectives the others were not in, and the group hung until the NCCL timeout. With several processes it records
+    the choice it gives up and exits 75 (retryable); the retried pod group starts with that choice."""
+    from types import SimpleNamespace
+
+    from job import pipeline, storage
+    from job.errors import TransientError
+    from job.settings import load_settings
+
+    s = load_settings({"JOB_STAGE": "sft", "JOB_BASE_MODEL": "/m", "JOB_DATA": "/d", "JOB_OUTPUT": str(tmp_path / "out"),
+                       "JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE": "2", "JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS": "2"})
+    plan = SimpleNamespace(remote=storage.parse_uri(str(tmp_path / "out")).join("r"), workdir=tmp_path / "w")
+    plan.workdir.mkdir()
+    monkeypatch.setattr(pipeline, "_distributed_state", lambda: SimpleNamespace(num_processes=2))
+    seen, attempts = [], [1]
+
+    def out_of_memory(s, plan, base_dir, stop, progress_bar, *, forced, used):
+        seen.append(dict(forced))
+        if len(seen) > attempts[0]:
+            raise AssertionError("started again inside the process that ran out of memory")
+        used.update(checkpointing=False, dequantized=forced["keep_dequantized"] is not False,
+                    micro_batch=forced["micro_batch_rows"] or 4)
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(pipeline, "_train_once", out_of_memory)
+    with pytest.raises(TransientError) as e:
+        pipeline._train(s, plan, None, None, False)
+    assert e.value.exit_code == 75 and "the retried pod group starts with 2 rows, as set" in str(e.value)
+    assert len(seen) == 1  # no second attempt inside this process
+    attempts[0] = 2
+    with pytest.raises(TransientError) as e:  # the retried pod: starts with 2 rows, and gives up the copy next
+        pipeline._train(s, plan, None, None, False)
+    assert seen[1]["micro_batch_rows"] == 2 and "starts without the copy" in str(e.value)
+    assert json.loads((tmp_path / "out" / "r" / "checkpoints" / pipeline.MEMORY_CHOICES).read_text()) == {
+        "checkpointing": None, "keep_dequantized": False, "micro_batch_rows": 2}

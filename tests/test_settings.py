@@ -281,3 +281,20 @@ def test_check_and_the_log_warn_about_ignored_settings(tiny_model, tmp_path):
     warnings = json.loads(r.stdout)["warnings"]
     assert [w.split(" ", 1)[0] for w in warnings] == ["JOB_LORA__DROPOUT", "JOB_TRAIN__MAX_LENGTH=2048"]
     assert all(w in r.stderr for w in warnings)
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_ddp_does_not_rebroadcast_buffers_before_each_forward(stage, tmp_path):
+    """DDP sends every registered buffer from rank 0 before each forward unless told not to: the dequantized copy of
+    the base is one (24 GiB per micro-batch at 13B), RoPE's inv_freq another, and none changes in training. The
+    setting reaches the DDP wrapper accelerate builds (transformers' Trainer passes it as a kwargs handler)."""
+    import torch
+    from transformers import Trainer
+
+    from job import trainargs
+
+    s = load_settings({"JOB_STAGE": stage, "JOB_BASE_MODEL": "/m", "JOB_DATA": "/d", "JOB_OUTPUT": str(tmp_path)})
+    args = trainargs.build(s, trainargs.Runtime(output_dir=str(tmp_path / "c")))
+    assert args.ddp_broadcast_buffers is False
+    trainer = Trainer(model=torch.nn.Linear(2, 2), args=args)
+    assert trainer.accelerator.ddp_handler.broadcast_buffers is False

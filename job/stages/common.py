@@ -101,9 +101,13 @@ def make_trainer(trainer_cls, s: JobSettings, model, args, tokenizer, train_rows
         def _save_checkpoint(self, model, trial):
             super()._save_checkpoint(model, trial)
             # TRL's token counter restarts at 0 in a new process; the checkpoint carries it (and which run it belongs to).
-            folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
-            (folder / JOB_STATE).write_text(json.dumps({"step": self.state.global_step, "identity": identity,
-                                                        "total_train_tokens": int(self._total_train_tokens)}) + "\n")
+            # One writer (every rank rewriting the same file could leave it cut short for the upload), all at once.
+            if self.is_world_process_zero():
+                folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+                part = folder / (JOB_STATE + ".part")
+                part.write_text(json.dumps({"step": self.state.global_step, "identity": identity,
+                                            "total_train_tokens": int(self._total_train_tokens)}) + "\n")
+                part.replace(folder / JOB_STATE)
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -312,24 +316,31 @@ def memory_plan(s: JobSettings, model, sequences_per_example: int = 1, *, checkp
         keep_dequantized = model is not None and use_dequantized(s, model, sequences_per_example, liger,
                                                                  checkpointing=checkpointing)
     if micro_batch_rows is None:
-        micro_batch_rows = _same_on_every_process(micro_batch(s, model, sequences_per_example, liger,
-                                                              checkpointing=checkpointing, dequantized=keep_dequantized))
-    return MemoryPlan(checkpointing, keep_dequantized, micro_batch_rows)
+        micro_batch_rows = micro_batch(s, model, sequences_per_example, liger, checkpointing=checkpointing,
+                                       dequantized=keep_dequantized)
+    return _same_on_every_process(MemoryPlan(checkpointing, keep_dequantized, micro_batch_rows))
 
 
-def _same_on_every_process(rows: int) -> int:
-    """With several processes (torchrun), the smallest micro-batch any of them chose: each GPU's free memory may
-    differ, and processes that accumulate over different numbers of micro-batches would wait for each other forever
-    at the gradient all-reduce. (The smallest of the choices also divides the step: each is the set size times a
-    divisor of the accumulation, and so is the minimum.)"""
+def _same_on_every_process(plan: MemoryPlan) -> MemoryPlan:
+    """With several processes (torchrun), one plan for all, from each one's choices in one all-reduce: each GPU's free
+    memory may differ, and processes that differ would go wrong together: accumulating over different numbers of
+    micro-batches, they wait for each other forever at the gradient all-reduce; with checkpointing or the copy on one
+    rank only, the steps' speed and memory differ and the rank that guessed high runs out of memory. The most careful
+    choice of each wins: checkpointing if any chose it, the copy only if all did, the smallest micro-batch. They stay
+    consistent with each other: a rank with checkpointing on chose neither the copy nor a merged micro-batch, and the
+    smallest micro-batch also divides the step (each is the set size times a divisor of the accumulation)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return rows
+        return plan
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    chosen = torch.tensor([rows], device=device)
-    dist.all_reduce(chosen, op=dist.ReduceOp.MIN)
-    return int(chosen.item())
+    chosen = torch.tensor([int(plan.checkpointing), int(not plan.dequantized), -plan.micro_batch], device=device)
+    dist.all_reduce(chosen, op=dist.ReduceOp.MAX)
+    checkpointing, no_copy, rows = (int(v) for v in chosen.tolist())
+    agreed = MemoryPlan(bool(checkpointing), not no_copy, -rows)
+    if agreed != plan:
+        log.info("memory plan agreed by all %d processes: %s (this one chose %s)", dist.get_world_size(), agreed, plan)
+    return agreed
 
 
 def liger_on(s: JobSettings) -> bool:

@@ -182,6 +182,7 @@ def run(s: JobSettings) -> str:
         "versions": outputs.versions(),
     })
     outputs.publish(out, remote, token)
+    outputs.clean_workdir(s, workdir)  # the merged model is uploaded (JOB_KEEP_WORKDIR=true keeps it)
     log.info("done: %s", remote, extra={"fields": {"event": "done", "output": str(remote), "metrics": metrics}})
     print(summary(out, str(remote), s), flush=True)
     return str(remote)
