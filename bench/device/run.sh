@@ -5,7 +5,8 @@
 #   PLAN     bench/bench.py's --plan on this tree                                                    (default: none)
 #   BASE     a tree to measure the same plan on in the same call, for an A/B: a .tar.gz of `git archive <commit> job
 #            bench` carried in; its results go to bench-SHAPE-NAME-base.json                         (default: none)
-#   BASE_COMMIT the commit BASE was made from (recorded in its JSON). BUDGET, SHAPE, BENCH_COMMIT as in common.sh.
+#   BASE_COMMIT the commit BASE was made from (recorded in its JSON); BASE_FIRST=1 measures BASE first.
+#   BUDGET, SHAPE, BENCH_COMMIT as in common.sh.
 #
 #   run: command  "BENCH_COMMIT=$(git rev-parse --short HEAD) NAME=r1 TESTS='tests/test_families.py' PLAN=sft:job:default@8 \
 #                  BASE=.gpuw/base.tgz bash bench/device/run.sh"   carry [".gpuw"]   timeout_s 600
@@ -17,17 +18,20 @@ if [ -n "${TESTS:-}" ]; then
   # shellcheck disable=SC2086
   cuda_tests $(( $(left) / 3 )) "pytest-cuda-$NAME.txt" $TESTS
 fi
+base_run() {  # the same plan on the BASE tree, in a process of its own
+  local base=/tmp/base hard=$(( $(left) - 8 ))
+  mkdir -p "$base" && tar -xzf "$BASE" -C "$base"
+  (cd "$base" && BENCH_COMMIT="${BASE_COMMIT:-base}" PYTHONPATH="/tmp/site:$base" timeout "$hard" python3 bench/bench.py run --shape "$SHAPE" --work "$WORK" \
+    --out "$OUT" --tag "$NAME-base" --plan "$PLAN" --warmup-steps 2 --deadline-s $(( $(left) - 40 )))
+  at "base bench exit $?"
+}
 if [ -n "${PLAN:-}" ]; then
   ready
+  # BASE_FIRST=1 swaps the order, so that two calls show what the order (a cold GPU, the page cache) does to an A/B.
+  if [ -n "${BASE:-}" ] && [ "${BASE_FIRST:-0}" = 1 ]; then base_run; fi
   bench_run
   at "bench exit $?"
-  if [ -n "${BASE:-}" ]; then
-    base=/tmp/base && mkdir -p "$base" && tar -xzf "$BASE" -C "$base"
-    hard=$(( $(left) - 8 ))
-    (cd "$base" && BENCH_COMMIT="${BASE_COMMIT:-base}" PYTHONPATH="/tmp/site:$base" timeout "$hard" python3 bench/bench.py run --shape "$SHAPE" --work "$WORK" \
-      --out "$OUT" --tag "$NAME-base" --plan "$PLAN" --warmup-steps 2 --deadline-s $(( $(left) - 40 )))
-    at "base bench exit $?"
-  fi
+  if [ -n "${BASE:-}" ] && [ "${BASE_FIRST:-0}" != 1 ]; then base_run; fi
 fi
 at "done"
 sleep 1  # let tee write the last lines
