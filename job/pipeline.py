@@ -22,7 +22,7 @@ from job.distributed import first_process_per_node as _first_process_per_node
 from job.distributed import same_on_every_process as _same_on_every_process
 from job.distributed import state as _distributed_state
 from job.divergence import DivergenceCallback
-from job.errors import OutOfMemory, Preempted
+from job.errors import OutOfMemory, Preempted, TransientError
 from job.settings import JobSettings
 
 log = logging.getLogger("job")

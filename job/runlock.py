@@ -64,10 +64,13 @@ def _busy(run_id: str, where: str, holder: dict, age: float | None, ttl: int) ->
 class _LocalLock:
     def __init__(self, path, run_id: str, s):
         self.path, self.run_id, self.s, self.file = path, run_id, s, None
+        self.made: list = []  # folders made for the lock alone: removed with it when nothing else came into them
 
     def acquire(self) -> None:
         import fcntl
 
+        missing = [d for d in [self.path.parent, *self.path.parent.parents] if not d.exists()]
+        self.made = missing  # deepest first
         for _ in range(3):
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,6 +115,9 @@ class _LocalLock:
                 self.path.unlink()
             self.file.close()  # closing drops the flock
             self.file = None
+            for folder in self.made:  # a run that failed before writing anything leaves no empty JOB_OUTPUT behind
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only if empty
 
 
 class _S3Lock:

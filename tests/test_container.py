@@ -351,7 +351,8 @@ def job_env(s3, **extra) -> dict:
 @pytest.mark.container
 def test_sft_run_in_the_image_reads_and_writes_s3(image, bucket, volumes):
     s3 = bucket
-    r = run_image(env=job_env(s3, JOB_RUN_ID="in-image", JOB_TRAIN__MAX_STEPS="2"), mounts=volumes)
+    # JOB_KEEP_WORKDIR: a successful run removes its scratch folder, and what it wrote there is looked at below.
+    r = run_image(env=job_env(s3, JOB_RUN_ID="in-image", JOB_TRAIN__MAX_STEPS="2", JOB_KEEP_WORKDIR="true"), mounts=volumes)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     got = keys(s3, s3.bucket, "runs/in-image/")
     for name in ("_SUCCESS", "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "metrics.json",

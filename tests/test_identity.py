@@ -135,7 +135,8 @@ def test_restart_happens_once_per_restart_key(env, tmp_path):
     """JOB_RESTART=true left in a Kubernetes Job spec wiped the checkpoints on every pod retry. Now a restart is done
     once per JOB_RESTART_KEY (the manifests set the Job's uid): a retry with the same key continues the run."""
     out = tmp_path / "out" / "r1"
-    first = {**env, "JOB_RESTART": "true", "JOB_RESTART_KEY": "job-uid-1", "JOB_TRAIN__SAVE_STEPS": "1", "JOB_EVAL_PROMPTS": "none"}
+    first = {**env, "JOB_RESTART": "true", "JOB_RESTART_KEY": "job-uid-1", "JOB_TRAIN__SAVE_STEPS": "1", "JOB_EVAL_PROMPTS": "none",
+             "JOB_KEEP_WORKDIR": "true"}  # the test copies a local checkpoint back as the reclaimed pod would have left it
     r = run_job(first)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "discarding everything stored for run r1" in r.stderr

@@ -4,6 +4,8 @@ local outputs; a dead run's lock expires, a later attempt of the same Job takes 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -109,8 +111,14 @@ def test_a_second_run_with_the_same_run_id_exits_2_while_the_first_trains(tiny_m
         for line in first.stderr:
             if '"event": "start"' in line:  # holding the lock, about to train
                 break
-        second = subprocess.run([sys.executable, "-m", "job"], env={**env, "JOB_WORKDIR": str(tmp_path / "w2")}, cwd=ROOT,
-                                capture_output=True, text=True, timeout=300)
+        # Paused while the second starts (its imports alone can outlast a 3-step run of the tiny model, which would
+        # then find the run succeeded instead): the lock stays as fresh as a live run's, within JOB_LOCK_TTL.
+        os.kill(first.pid, signal.SIGSTOP)
+        try:
+            second = subprocess.run([sys.executable, "-m", "job"], env={**env, "JOB_WORKDIR": str(tmp_path / "w2")},
+                                    cwd=ROOT, capture_output=True, text=True, timeout=300)
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
         rest = first.stderr.read()
         first.wait()
     assert not dog.fired

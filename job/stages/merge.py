@@ -182,9 +182,9 @@ def run(s: JobSettings) -> str:
         "versions": outputs.versions(),
     })
     outputs.publish(out, remote, token)
-    outputs.clean_workdir(s, workdir)  # the merged model is uploaded (JOB_KEEP_WORKDIR=true keeps it)
     log.info("done: %s", remote, extra={"fields": {"event": "done", "output": str(remote), "metrics": metrics}})
     print(summary(out, str(remote), s), flush=True)
+    outputs.clean_workdir(s, workdir)  # the merged model is uploaded (JOB_KEEP_WORKDIR=true keeps it)
     return str(remote)
 
 
