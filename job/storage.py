@@ -507,18 +507,23 @@ def exists(uri: Uri, token: str | None = None) -> bool:
     if isinstance(uri, LocalUri):
         return uri.path.exists()
     if isinstance(uri, S3Uri):
-        from botocore.exceptions import ClientError
-
-        try:
-            _s3().head_object(Bucket=uri.bucket, Key=uri.key)
-            return True
-        except ClientError as exc:
-            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-                return False
-            raise _s3_error(exc, uri) from None
-        except _s3_errors() as exc:
-            raise _s3_error(exc, uri) from None
+        return _s3_object(uri, "head_object") is not None
     return _hf_exists(uri, token)
+
+
+def _s3_object(uri: S3Uri, method: str):
+    """The S3 client's `method` (head_object, get_object) on the object, or None when it does not exist (404); any
+    other failure as the job's storage error naming the URI."""
+    from botocore.exceptions import ClientError
+
+    try:
+        return getattr(_s3(), method)(Bucket=uri.bucket, Key=uri.key)
+    except ClientError as exc:
+        if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+            return None
+        raise _s3_error(exc, uri) from None
+    except _s3_errors() as exc:
+        raise _s3_error(exc, uri) from None
 
 
 def list_names(uri: Uri, token: str | None = None) -> list[str]:
@@ -690,16 +695,9 @@ def s3_read_with_age(uri: S3Uri) -> tuple[bytes, str, float] | None:
     """(body, etag, seconds since it was last written, by the server's own clock) of an object, or None if absent."""
     from email.utils import parsedate_to_datetime
 
-    from botocore.exceptions import ClientError
-
-    try:
-        got = _s3().get_object(Bucket=uri.bucket, Key=uri.key)
-    except ClientError as exc:
-        if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-            return None
-        raise _s3_error(exc, uri) from None
-    except _s3_errors() as exc:
-        raise _s3_error(exc, uri) from None
+    got = _s3_object(uri, "get_object")
+    if got is None:
+        return None
     date = got.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
     now = parsedate_to_datetime(date) if date else None
     age = (now - got["LastModified"]).total_seconds() if now else 0.0
