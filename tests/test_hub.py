@@ -330,8 +330,10 @@ def test_offline_runs_use_the_cache_and_a_cache_miss_is_permanent(hub, tmp_path)
     with ThreadPoolExecutor(3) as pool:
         check, partial, missing = pool.map(lambda a: run_job(*a), [
             (hub_env(hub, tmp_path, **offline), "--check"),
-            (hub_env(hub, tmp_path, **offline),),  # the weights were never downloaded
-            (hub_env(hub, tmp_path, **offline, JOB_BASE_MODEL="hf://org/never-downloaded"),),
+            # Two runs at once need a run id and a scratch folder each: one id's second run is refused (the run lock).
+            (hub_env(hub, tmp_path, **offline, JOB_RUN_ID="partial", JOB_WORKDIR=str(tmp_path / "w-partial")),),  # the weights were never downloaded
+            (hub_env(hub, tmp_path, **offline, JOB_RUN_ID="missing", JOB_WORKDIR=str(tmp_path / "w-missing"),
+                     JOB_BASE_MODEL="hf://org/never-downloaded"),),
         ])
     assert check.returncode == 0, check.stderr[-3000:]
     for r, uri in ((partial, f"hf://{MODEL}"), (missing, "hf://org/never-downloaded")):
