@@ -107,6 +107,20 @@ VARIANTS = {
     "len512_bs16": {**variant(16, 1), "JOB_TRAIN__MAX_LENGTH": "512"},
 }
 
+
+def pinned(rows: int, mode: str, copy: bool) -> dict:
+    """One memory plan, fixed (no `auto` left): `rows` per micro-batch of the default 16-example step, `mode` keep
+    (checkpointing off), gc, or off (checkpointing with the layer inputs offloaded), the dequantized copy or not. The
+    sweep `auto` is measured against (issue 24)."""
+    return {**variant(rows, 16 // rows, "false" if mode == "keep" else "true"),
+            "JOB_TRAIN__OFFLOAD_CHECKPOINTS": "true" if mode == "off" else "false",
+            "JOB_QUANT__KEEP_DEQUANTIZED": "true" if copy else "false", "JOB_TRAIN__MERGE_MICRO_BATCHES": "false"}
+
+
+#: p_MODE[_copy]_ROWS: every memory plan job/memplan.py chooses among, pinned.
+VARIANTS.update({f"p_{mode}{'_copy' if copy else ''}_{rows}": pinned(rows, mode, copy)
+                 for mode in ("keep", "gc", "off") for copy in (False, True) for rows in (4, 8, 16)})
+
 #: headline.json's rows: key -> (who, run name) in a result file. `job_lowmem` is the fastest low-memory setting (under 12 GiB:
 #: 8 rows of 1,024 per micro-batch, checkpointing with the layer inputs offloaded, paged 8-bit AdamW; bench/NOTES.md row 16).
 HEADLINE_ROWS = {"job": ("job", "default"), "job_lowmem": ("job", "lowmem8_offload"), "seed": ("seed", "seed"),
@@ -139,6 +153,9 @@ def environment(argv: list[str]) -> dict:
         env["device"] = p.name
         env["device_memory_gib"] = round(p.total_memory / 2**30, 1)
         env["sm_count"] = p.multi_processor_count
+        # What the job's memory plan sees before loading: less than the card when bench/device/run.sh's holder keeps the
+        # rest (a smaller card simulated, BUDGETS there).
+        env["memory_free_gib"] = round(torch.cuda.mem_get_info()[0] / 2**30, 1)
     # A copy of the tree whose .git is missing or stale (e.g. a GPU machine's): BENCH_COMMIT says which commit it is.
     env["git_commit"] = os.environ.get("BENCH_COMMIT")
     if not env["git_commit"]:

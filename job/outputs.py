@@ -126,6 +126,18 @@ def run_mean(history: list[dict], key: str) -> float | None:
     return round(total / steps, 6) if steps else None
 
 
+def memory_plan_report(report: dict | None, peak_gib: float | None) -> dict | None:
+    """metrics.json `memory_plan`: the plan's report with the estimated peak (what was allocated before training plus
+    the estimate) next to the measured one."""
+    if report is None:
+        return None
+    out = dict(report)
+    if report.get("auto") and report.get("allocated_before_gib") is not None:
+        out["estimated_peak_gib"] = round(report["allocated_before_gib"] + report["chosen"]["estimated_gib"], 2)
+        out["measured_peak_gib"] = peak_gib
+    return out
+
+
 def micro_batch_shape(rows: int, world_size: int, batch: int, accumulation: int) -> dict:
     """What a step of each process held: micro-batches of `rows` examples, `per_step` of them. Data smaller than the
     configured batch (PER_DEVICE_TRAIN_BATCH_SIZE x GRADIENT_ACCUMULATION_STEPS) fills fewer: one packed row is one
@@ -185,6 +197,8 @@ def final_metrics(stage: str, trainer, train_result, eval_metrics: dict | None, 
     if torch.cuda.is_available():
         out["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         out["peak_gpu_memory_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+    # What the memory plan chose and why (job/memplan.py), its estimate beside the measured peak.
+    out["memory_plan"] = memory_plan_report(getattr(trainer, "job_memory_plan", None), out["peak_gpu_memory_gib"])
     if stage == "sft":
         out["mean_token_accuracy"] = run_mean(history, "mean_token_accuracy")
         out["mean_token_accuracy_last"] = _clean(last.get("mean_token_accuracy"))

@@ -137,15 +137,17 @@ def _run(s: JobSettings, run_id: str, state, lock, stop: StopSignal, progress_ba
 
 def _train(s: JobSettings, plan: preflight.Plan, base_dir: Path, stop: StopSignal, progress_bar: bool):
     """Load the model, build the stage's trainer and train. A run that runs out of GPU memory on a choice `auto` made
-    (the estimate behind it can be wrong: allocator fragmentation, another process on the GPU) starts again from its
-    last checkpoint without that choice, the last one made first: the micro-batch as set (JOB_TRAIN__MERGE_MICRO_BATCHES),
-    then without the dequantized copy of the base (JOB_QUANT__KEEP_DEQUANTIZED), then with gradient checkpointing on
-    (JOB_TRAIN__GRADIENT_CHECKPOINTING). With several processes the one that ran out can't start again alone (the
+    (job/memplan.py's estimate can be wrong: allocator fragmentation, another process on the GPU) starts again from its
+    last checkpoint without that choice, the one that frees most first: the micro-batch as set
+    (JOB_TRAIN__MERGE_MICRO_BATCHES), then without the dequantized copy of the base (JOB_QUANT__KEEP_DEQUANTIZED), then
+    with gradient checkpointing on (JOB_TRAIN__GRADIENT_CHECKPOINTING), then with the checkpointed layers' inputs in CPU
+    memory (JOB_TRAIN__OFFLOAD_CHECKPOINTS); the plan is made again around each choice given back. With several processes the one that ran out can't start again alone (the
     others wait in the step's collectives): it records the choice in the run's storage and exits 75, and the retried
     pod group starts with it."""
     import torch
 
-    forced: dict = {"checkpointing": None, "keep_dequantized": None, "micro_batch_rows": None, **_recorded_choices(s, plan)}
+    forced: dict = {"checkpointing": None, "keep_dequantized": None, "micro_batch_rows": None, "offload": None,
+                    **_recorded_choices(s, plan)}
     rows = s.train.per_device_train_batch_size
     while True:
         used: dict = {}
@@ -164,6 +166,11 @@ def _train(s: JobSettings, plan: preflight.Plan, base_dir: Path, stop: StopSigna
                 forced["checkpointing"] = True
                 what = "with gradient checkpointing off (JOB_TRAIN__GRADIENT_CHECKPOINTING=auto guessed it would fit): " \
                        "starting again with it on"
+            elif used.get("checkpointing") and not used.get("offload") and s.train.offload_checkpoints == "auto" \
+                    and torch.cuda.is_available():
+                forced["offload"] = True
+                what = "with checkpointed layer inputs on the GPU (JOB_TRAIN__OFFLOAD_CHECKPOINTS=auto guessed they would " \
+                       "fit): starting again with them in CPU memory"
             else:  # nothing left to try
                 raise OutOfMemory(_oom_message(s, used)) from None
             if _distributed_state().num_processes > 1:
@@ -233,10 +240,12 @@ def _train_once(s, plan, base_dir, stop, progress_bar, *, forced, used):
     trainer = stage.build_trainer(s, model, plan.tokenizer, plan.train.rows, plan.eval.rows if plan.eval else None,
                                   plan.workdir / "checkpoints", callbacks, progress_bar=progress_bar,
                                   checkpointing=forced["checkpointing"], keep_dequantized=forced["keep_dequantized"],
-                                  micro_batch_rows=forced["micro_batch_rows"], identity=plan.identity["sha256"])
+                                  micro_batch_rows=forced["micro_batch_rows"], offload=forced["offload"],
+                                  identity=plan.identity["sha256"])
     used["checkpointing"] = bool(trainer.args.activation_checkpointing)
     used["dequantized"] = trainer.job_dequantized_gib is not None
     used["micro_batch"] = trainer.args.per_device_train_batch_size
+    used["offload"] = trainer.job_offload
     if not progress_bar:
         from transformers import PrinterCallback
 

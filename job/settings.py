@@ -168,24 +168,26 @@ class TrainSettings(_Group):
     #: `none`, or a comma-separated list of integrations (`tensorboard`, `wandb`, `mlflow`, ...).
     report_to: str = "none"
     #: Recompute activations in the backward pass instead of keeping them: a third more compute for a fraction of the
-    #: memory. `auto`: off when this micro-batch's activations fit in the GPU's free memory (next to the loaded 4-bit
-    #: model), else on; always on without a GPU. Measured on an H100, 13B SFT: off 5,496 tokens/s at 48 GiB peak, on
-    #: 3,655 tokens/s at 11 GiB (bench/results/).
+    #: memory. `auto`: job/memplan.py's memory plan decides, with the three settings below, once the model is loaded:
+    #: the fastest combination whose estimated peak (from the model's shape and this run's real example lengths) fits
+    #: the GPU's free memory; always on without a GPU. `metrics.json` `memory_plan` says what was chosen, over what, and
+    #: the estimated against the measured peak (docs/benchmarks.md, "The memory plan").
     gradient_checkpointing: AutoTrueFalse = "auto"
     #: With gradient checkpointing on a GPU, keep what checkpointing saves of each layer (its input) in pinned CPU
     #: memory until the backward pass, copied out and back alongside the computation (job/offload.py): a 13B keeps
     #: 400 KiB less GPU memory per token of a micro-batch, room for a micro-batch twice as large at the same peak.
-    #: Not part of the run identity. Measured on an H200, 13B SFT: bench/NOTES.md.
-    offload_checkpoints: bool = False
+    #: `auto`: the memory plan's choice (where memory is short, a larger micro-batch with it beats a smaller one
+    #: without). Not part of the run identity. Measured, 13B SFT: docs/benchmarks.md.
+    offload_checkpoints: AutoTrueFalse = "auto"
     #: Run each optimizer step's PER_DEVICE_TRAIN_BATCH_SIZE x GRADIENT_ACCUMULATION_STEPS rows in fewer, larger
     #: micro-batches: the same rows and the same gradient per step (SFT's loss is normalised over the whole step; DPO's
     #: per-micro-batch means are equal-sized, except that a last, partial step weighs its pairs evenly), fewer passes
-    #: through the model. `auto`: packed SFT on a GPU with checkpointing off, the largest split whose activations fit
-    #: next to the dequantized copy (with several GPUs, the smallest any of them chose); the first thing a run that
-    #: runs out of memory gives back. (DPO and unpacked SFT pad a micro-batch to its longest row, so a larger one also
-    #: pads more: not measured to pay, so `auto` leaves them as set.) `true`: the whole step in one micro-batch, any
-    #: stage. `false`: exactly as set. Not part of the run identity (how, not what, is trained): a pod that resumes on
-    #: another GPU may split steps differently. Measured on an H200, 13B SFT: bench/NOTES.md.
+    #: through the model. `auto`: the memory plan's choice among the set size times each divisor of the accumulation,
+    #: for micro-batches without padding (packed SFT, padding-free DPO; with several GPUs, the smallest any of them
+    #: chose); the first thing a run that runs out of memory gives back. (Padded micro-batches, unpacked SFT and
+    #: `JOB_TRAIN__PACKING=false` DPO, pad to their longest row, so a larger one also pads more: `auto` leaves them as
+    #: set.) `true`: the whole step in one micro-batch, any stage. `false`: exactly as set. Not part of the run
+    #: identity (how, not what, is trained): a pod that resumes on another GPU may split steps differently.
     merge_micro_batches: AutoTrueFalse = "auto"
     #: SFT: pack several examples into one row (no attention across examples; padding-free). DPO: run each
     #: micro-batch's rows as one row without padding (job/padfree.py). Either way no padding is computed.

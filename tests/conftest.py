@@ -250,3 +250,24 @@ def tokenized(tok, stage: str, records: list[dict], max_length: int = 1024) -> l
 
     return sequences.fit(records, stage, tok, max_length=max_length, policy="cut_prompt", stops={tok.eos_token_id},
                          role="train").rows
+
+
+def plan_as_on_a_big_gpu(monkeypatch, *, checkpointing: bool = False, copy: bool = False, merge: bool = False) -> None:
+    """What job/memplan.py's `auto` decides on a GPU with room (checkpointing off, and as asked the dequantized copy and
+    the whole step in one micro-batch), on any machine: the out-of-memory tests then see what a retry gives back. A
+    setting other than `auto`, and a choice a retry forced, win as in the real planner."""
+    from job import memplan
+
+    def choose(s, model, work, *, checkpointing=None, keep_dequantized=None, micro_batch_rows=None, offload=None, **kw):
+        t = s.train
+        gc = checkpointing if checkpointing is not None else (
+            default_gc if t.gradient_checkpointing == "auto" else t.gradient_checkpointing == "true")
+        keep = keep_dequantized if keep_dequantized is not None else (
+            default_copy if s.quant.keep_dequantized == "auto" else s.quant.keep_dequantized == "true")
+        whole = work.rows * work.accumulation
+        rows = micro_batch_rows or (whole if t.merge_micro_batches == "true" or (t.merge_micro_batches == "auto" and merge)
+                                    else work.rows)
+        return memplan.MemoryPlan(gc, keep, rows, bool(offload), report={"auto": True, "test": "as on a big GPU"})
+
+    default_gc, default_copy = checkpointing, copy
+    monkeypatch.setattr(memplan, "choose", choose)

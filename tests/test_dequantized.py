@@ -8,7 +8,7 @@ import json
 import logging
 
 import pytest
-from conftest import four_bit_lora_model, run_sft_in_process
+from conftest import four_bit_lora_model, plan_as_on_a_big_gpu, run_sft_in_process
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -69,31 +69,6 @@ def test_a_run_with_the_copy_trains_the_same_adapter_and_says_so(tiny_model, tmp
         assert m_copy["train_loss"] == m_plain["train_loss"]
 
 
-def test_auto_keeps_the_copy_only_when_checkpointing_is_off_and_it_fits(tiny_model, monkeypatch):
-    from job.model import dequantized_bytes
-    from job.settings import load_settings
-    from job.stages import common
-
-    model = four_bit_lora_model(tiny_model)
-    s = load_settings({"JOB_STAGE": "sft", "JOB_BASE_MODEL": "/m", "JOB_DATA": "/d", "JOB_OUTPUT": "/o"})
-    assert s.quant.keep_dequantized == "auto"
-    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: False)
-    assert not common.use_dequantized(s, model, 1, False, checkpointing=False)  # no GPU: the copy would only cost memory
-    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: True)
-    need = common._activation_need(s, model, 1, False)
-    copy = dequantized_bytes(model)
-    monkeypatch.setattr(common, "_free_gpu_bytes", lambda m: int((need + copy) / 0.9) + 1)
-    assert common.use_dequantized(s, model, 1, False, checkpointing=False)
-    assert not common.use_dequantized(s, model, 2, False, checkpointing=False)  # DPO: twice the activations
-    assert not common.use_dequantized(s, model, 1, False, checkpointing=True)  # memory is short: no copy
-    monkeypatch.setattr(common, "_free_gpu_bytes", lambda m: int((need + copy) / 0.9) - copy // 2)
-    assert not common.use_dequantized(s, model, 1, False, checkpointing=False)
-    for setting, kept in (("true", True), ("on", True), ("false", False), ("0", False)):
-        s2 = load_settings({"JOB_STAGE": "sft", "JOB_BASE_MODEL": "/m", "JOB_DATA": "/d", "JOB_OUTPUT": "/o",
-                            "JOB_QUANT__KEEP_DEQUANTIZED": setting})
-        assert common.use_dequantized(s2, model, 1, False, checkpointing=True) is kept
-
-
 def test_a_copy_of_weights_that_are_not_4bit_is_a_config_error_naming_the_variables():
     from job.errors import ConfigError
     from job.settings import load_settings
@@ -111,14 +86,10 @@ def test_out_of_memory_drops_the_copy_first_then_turns_checkpointing_on(tiny_mod
     from trl import SFTTrainer
 
     from job.errors import OutOfMemory
-    from job.stages import common
 
-    # What `auto` decides on a big GPU: checkpointing off, the copy kept.
-    monkeypatch.setattr(common, "use_checkpointing", lambda s, *a, **k: s.train.gradient_checkpointing == "true")
-    monkeypatch.setattr(common, "use_dequantized", lambda s, *a, **k: s.quant.keep_dequantized != "false")
-    # The micro-batch as set (on a GPU `auto` would merge the tiny model's steps, and give that back first:
-    # tests/test_micro_batches.py).
-    monkeypatch.setattr(common, "micro_batch", lambda s, *a, **k: s.train.per_device_train_batch_size)
+    # What `auto` decides on a big GPU: checkpointing off, the copy kept, the micro-batch as set (on a GPU `auto` may
+    # also merge the tiny model's steps, and give that back first: tests/test_micro_batches.py).
+    plan_as_on_a_big_gpu(monkeypatch, copy=True)
     real_step = SFTTrainer.training_step
     seen = []
 

@@ -14,7 +14,7 @@ import pytest
 
 from job.exitcodes import ExitCode
 
-from conftest import DEMO_DATA, ROOT, job_env, run_job
+from conftest import DEMO_DATA, ROOT, job_env, plan_as_on_a_big_gpu, run_job
 
 
 @pytest.fixture
@@ -93,10 +93,9 @@ def test_oom_with_checkpointing_off_starts_again_with_it_on(tiny_model, tmp_path
     from job import pipeline
     from job.errors import OutOfMemory
     from job.settings import load_settings
-    from job.stages import common
 
     # What `auto` decides on a big GPU (off); an explicit setting is kept.
-    monkeypatch.setattr(common, "use_checkpointing", lambda s, *a, **k: s.train.gradient_checkpointing == "true")
+    plan_as_on_a_big_gpu(monkeypatch)
     real_step = SFTTrainer.training_step
 
     def step(self, *a, **kw):  # activations of this micro-batch don't fit without checkpointing

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import DEMO_DATA
+from conftest import DEMO_DATA, plan_as_on_a_big_gpu
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -85,43 +85,10 @@ def test_the_comparison_above_sees_a_step_that_weighs_its_rows_differently(tiny_
     assert _max_difference(_adapter(split), _adapter(merged)) > 1e-4
 
 
-def test_auto_merges_only_on_a_gpu_with_room_and_keeps_the_rows_per_step(monkeypatch):
-    """The decision at llm-jp-3-13b's shape with the default 4 x 4 rows per step: on an H200 (131 GiB free once the
-    4-bit model is loaded, a 23.6 GiB copy) 8 packed rows of 1,024 tokens or 16 of the seed's 512; on an 80 GiB card,
-    with checkpointing on, without a GPU, or for padded micro-batches (DPO, unpacked SFT), as set."""
-    import types
-
-    import torch
-    from transformers import LlamaConfig
-
+def test_a_merged_micro_batch_keeps_the_rows_per_step():
     from job.settings import load_settings
-    from job.stages import common
-    from job.trainargs import Runtime, build, config_class
+    from job.trainargs import Runtime, build
 
-    config_class("sft")  # imported before torch.cuda.is_available is patched (transformers checks it on import)
-    model = types.SimpleNamespace(config=LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40))
-    gib = 2**30
-
-    def rows(free_gib: float, max_length=1024, stage_rows=1, copy_gib=23.6, setting="auto", packing="true", **kw):
-        s = load_settings({"JOB_STAGE": "sft" if stage_rows == 1 else "dpo", **SETTINGS, "JOB_TRAIN__PACKING": packing,
-                           "JOB_TRAIN__MAX_LENGTH": str(max_length), "JOB_TRAIN__MERGE_MICRO_BATCHES": setting})
-        monkeypatch.setattr(common, "_free_gpu_bytes", lambda m: int(free_gib * gib))
-        monkeypatch.setattr("job.model.dequantized_bytes", lambda m: int(copy_gib * gib))
-        kw = {"checkpointing": False, "dequantized": copy_gib > 0, **kw}
-        return common.micro_batch(s, model, stage_rows, True, **kw)
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert rows(131) == 8 and rows(131, max_length=512) == 16  # H200: measured x1.06 and x1.61 (bench/NOTES.md)
-    assert rows(131, copy_gib=0) == 8 and rows(200, copy_gib=0) == 16  # 16 rows of 1,024: ~178 GiB of activations
-    # Padded micro-batches (DPO, unpacked SFT) stay as set even with room: a merged one would also pad more.
-    assert rows(500, stage_rows=2, max_length=256) == 4 and rows(500, packing="false") == 4
-    assert rows(500, stage_rows=2, max_length=256, setting="true") == 16
-    assert rows(71, max_length=512) == 4  # an 80 GiB card: the copy took the room
-    assert rows(131, checkpointing=True) == 4  # memory was short already
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert rows(131) == 4  # no GPU: as set
-    for setting, expected in (("true", 16), ("on", 16), ("false", 4), ("0", 4)):
-        assert rows(131, setting=setting, checkpointing=True) == expected
     s = load_settings({"JOB_STAGE": "sft", **SETTINGS})
     args = build(s, Runtime(micro_batch=8))
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (8, 2)  # 16 rows per step, as set
@@ -136,10 +103,8 @@ def test_out_of_memory_gives_the_merged_micro_batch_back_first(tiny_model, tmp_p
     from trl import SFTTrainer
 
     from job.errors import OutOfMemory
-    from job.stages import common
 
-    whole_step = lambda s, *a, **k: s.train.per_device_train_batch_size * s.train.gradient_accumulation_steps  # noqa: E731
-    monkeypatch.setattr(common, "micro_batch", whole_step)  # what `auto` decides on a big GPU
+    plan_as_on_a_big_gpu(monkeypatch, merge=True)  # what `auto` decides on a big GPU: the whole step in one micro-batch
     real_step = SFTTrainer.training_step
     seen = []
 
@@ -165,12 +130,12 @@ def test_out_of_memory_gives_the_merged_micro_batch_back_first(tiny_model, tmp_p
 def _choose(rank: int, init: str, chosen: list, out):
     import torch.distributed as dist
 
-    from job.stages.common import MemoryPlan, _same_on_every_process
+    from job.memplan import MemoryPlan, same_on_every_process
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
         for plans in chosen:
-            out.put((rank, _same_on_every_process(MemoryPlan(*plans[rank]))))
+            out.put((rank, same_on_every_process(MemoryPlan(*plans[rank]))))
     finally:
         dist.destroy_process_group()
 
@@ -179,14 +144,15 @@ def test_processes_with_different_free_memory_agree_on_one_memory_plan(tmp_path)
     """Two GPUs with different free memory may choose differently; processes accumulating over different numbers of
     micro-batches would hang at the gradient all-reduce, and checkpointing or the dequantized copy on one rank only
     would run the other out of memory. Every process takes the most careful choice of each: checkpointing if any
-    chose it, the copy only if all did, the smallest micro-batch."""
+    chose it, the copy only if all did, the smallest micro-batch, the offload if any chose it."""
     import torch.multiprocessing as mp
 
-    from job.stages.common import MemoryPlan
+    from job.memplan import MemoryPlan
 
-    chosen = [[(False, True, 16), (False, True, 8)],  # (checkpointing, dequantized copy, micro-batch rows) per rank
+    chosen = [[(False, True, 16), (False, True, 8)],  # (checkpointing, dequantized copy, micro-batch rows, offload) per rank
               [(False, True, 16), (True, False, 4)],
-              [(False, False, 8), (False, True, 8)]]
+              [(False, False, 8), (False, True, 8)],
+              [(True, False, 16, True), (True, False, 8, False)]]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     procs = [ctx.Process(target=_choose, args=(rank, f"file://{tmp_path / 'store'}", chosen, out)) for rank in (0, 1)]
@@ -199,7 +165,7 @@ def test_processes_with_different_free_memory_agree_on_one_memory_plan(tmp_path)
             p.join(timeout=60)
             if p.is_alive():
                 p.kill()
-    agreed = [MemoryPlan(False, True, 8), MemoryPlan(True, False, 4), MemoryPlan(False, False, 8)]
+    agreed = [MemoryPlan(False, True, 8), MemoryPlan(True, False, 4), MemoryPlan(False, False, 8), MemoryPlan(True, False, 8, True)]
     for rank in (0, 1):
         assert [plan for r, plan in results if r == rank] == agreed
 

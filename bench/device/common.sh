@@ -44,11 +44,13 @@ cuda_tests() {  # cuda_tests SECONDS OUTFILE TESTFILE...: pytest on this machine
   timeout "$limit" python3 -m pytest -q -p no:cacheprovider -rA "$@" > "$OUT/$file" 2>&1
   at "pytest exit $?"; tail -3 "$OUT/$file"
 }
-bench_run() {  # the benchmark with $PLAN, stopped before the budget ends; runs it can't start are recorded as skipped
-  local hard=$(( $(left) - 8 ))
+bench_run() {  # the benchmark with $PLAN, stopped before the budget ends (or $SEG_S seconds, a share of it); runs it
+  # can't start are recorded as skipped
+  local budget=${SEG_S:-$(left)}
+  local hard=$(( budget - 8 ))
   [ "$hard" -ge 60 ] || hard=60
   timeout "$hard" python3 bench/bench.py run --shape "$SHAPE" --work "$WORK" --out "$OUT" --tag "$NAME" --plan "$PLAN" \
-    --warmup-steps 2 --deadline-s $(( $(left) - 80 ))
+    --warmup-steps 2 --deadline-s $(( budget - 80 ))
 }
 headline() {  # print the goals of a result file's headline
   python3 bench/bench.py headline "$OUT/bench-$SHAPE-$NAME.json" --out "$OUT/headline-$NAME.json" && python3 -c \

@@ -6,6 +6,10 @@
 #   BASE     a tree to measure the same plan on in the same call, for an A/B: a .tar.gz of `git archive <commit> job
 #            bench` carried in; its results go to bench-SHAPE-NAME-base.json                         (default: none)
 #   BASE_COMMIT the commit BASE was made from (recorded in its JSON); BASE_FIRST=1 measures BASE first.
+#   BUDGETS  plans at several memory budgets in one call, `GIB=PLAN;GIB=PLAN...`: GIB is `full` (the whole card) or the
+#            GiB a process should find free, which a holder process makes true by keeping the rest of the card
+#            (torch.cuda.mem_get_info then reports what a smaller card would: capacity only, not its compute or
+#            bandwidth); results in bench-SHAPE-NAME-GIB.json                                        (default: none)
 #   BUDGET, SHAPE, BENCH_COMMIT as in common.sh.
 #
 #   run: command  "BENCH_COMMIT=$(git rev-parse --short HEAD) NAME=r1 TESTS='tests/test_families.py' PLAN=sft:job:default@8 \
@@ -32,6 +36,32 @@ if [ -n "${PLAN:-}" ]; then
   bench_run
   at "bench exit $?"
   if [ -n "${BASE:-}" ] && [ "${BASE_FIRST:-0}" != 1 ]; then base_run; fi
+fi
+hold() {  # hold GIB: keep all but GIB of the card in a process of its own, until `unhold`
+  python3 -c "
+import time, torch
+free = torch.cuda.mem_get_info()[0]
+x = torch.empty(max(0, free - int($1 * 2**30)), dtype=torch.uint8, device='cuda')
+print(f'holder: {x.numel() / 2**30:.1f} GiB held, {torch.cuda.mem_get_info()[0] / 2**30:.1f} GiB free', flush=True)
+time.sleep(3600)" > /tmp/holder.log 2>&1 &
+  holder=$!
+  for _ in $(seq 60); do grep -q "GiB free" /tmp/holder.log && break; sleep 1; done
+  cat /tmp/holder.log
+}
+unhold() { kill "$holder" 2>/dev/null; wait "$holder" 2>/dev/null; sleep 2; }
+if [ -n "${BUDGETS:-}" ]; then
+  ready
+  IFS=';' read -r -a segments <<< "$BUDGETS"
+  n=${#segments[@]}
+  for seg in "${segments[@]}"; do
+    gib=${seg%%=*} PLAN=${seg#*=} base_name=$NAME
+    [ "$gib" = full ] || hold "$gib"
+    SEG_S=$(( $(left) / n )) NAME="$base_name-$gib" bench_run
+    n=$(( n - 1 ))
+    at "bench $gib exit $?"
+    [ "$gib" = full ] || unhold
+    NAME=$base_name
+  done
 fi
 at "done"
 sleep 1  # let tee write the last lines

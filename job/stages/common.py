@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from job import fastpaths, lora, offload, padfree
+from job import fastpaths, lora, memplan, offload, padfree
 from job.errors import ConfigError
 from job.settings import JobSettings
 
@@ -53,10 +53,10 @@ JOB_STATE = "job_state.json"
 
 
 def make_trainer(trainer_cls, s: JobSettings, model, args, tokenizer, train_rows, eval_rows, callbacks, padded_lengths, *,
-                 keep_dequantized: bool, identity: str | None = None):
+                 memory: memplan.MemoryPlan, identity: str | None = None):
     """TRL's trainer for a stage, on the job's tokenized rows (job/sequences.py), with a new LoRA adapter (or the
-    PeftModel's own, from JOB_ADAPTER), fp32 trainable weights and length-sorted micro-batches; the 4-bit base
-    dequantized once when `keep_dequantized` (memory_plan's decision for JOB_QUANT__KEEP_DEQUANTIZED).
+    PeftModel's own, from JOB_ADAPTER), fp32 trainable weights and length-sorted micro-batches; `memory`: job/memplan.py's
+    plan (the 4-bit base dequantized once, checkpointed layer inputs offloaded), reported in metrics.json.
 
     `padded_lengths(args, dataset)` is each example's padded length, or None where nothing is padded (packed SFT): then
     the trainer's own sampler."""
@@ -156,13 +156,16 @@ def make_trainer(trainer_cls, s: JobSettings, model, args, tokenizer, train_rows
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
                       eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None, processing_class=tokenizer,
                       peft_config=peft_config, callbacks=callbacks)
-    trainer.job_offload = bool(s.train.offload_checkpoints and trainer.args.activation_checkpointing and torch.cuda.is_available())
+    trainer.job_offload = bool(memory.offload and trainer.args.activation_checkpointing and torch.cuda.is_available())
     if trainer.job_offload:
-        log.info("checkpointed layer inputs kept in pinned CPU memory until the backward (JOB_TRAIN__OFFLOAD_CHECKPOINTS)")
-    elif s.train.offload_checkpoints:
+        log.info("checkpointed layer inputs kept in pinned CPU memory until the backward (JOB_TRAIN__OFFLOAD_CHECKPOINTS=%s)",
+                 s.train.offload_checkpoints)
+    elif s.train.offload_checkpoints == "true":
         log.info("JOB_TRAIN__OFFLOAD_CHECKPOINTS has no effect here: it applies with gradient checkpointing on a GPU")
+    trainer.job_memory_plan = memory.report
     # Read by metrics.json: what this run kept in GPU memory to go faster.
     trainer.job_dequantized_gib = None
+    keep_dequantized = memory.dequantized
     if keep_dequantized:
         from job.model import keep_dequantized as keep
 
@@ -186,161 +189,60 @@ def make_trainer(trainer_cls, s: JobSettings, model, args, tokenizer, train_rows
     fast.set("lean_lora", lean > 0, why if lora.LEAN else "switched off (bench)")
     fast.set("dequantized_copy", keep_dequantized, "the memory plan: " + (
         f"{trainer.job_dequantized_gib} GiB" if keep_dequantized else "not kept"))
-    fast.set("offloaded_checkpoints", trainer.job_offload, "JOB_TRAIN__OFFLOAD_CHECKPOINTS with checkpointing on a GPU"
-             if trainer.job_offload else "off (needs JOB_TRAIN__OFFLOAD_CHECKPOINTS, checkpointing and a GPU)")
+    fast.set("offloaded_checkpoints", trainer.job_offload, "the memory plan: with checkpointing on a GPU"
+             if trainer.job_offload else "off (the memory plan; it needs checkpointing and a GPU)")
     trainer.job_fast_paths = fast
     log.info("fast paths: %s", ", ".join(f"{k} {'on' if v['on'] else 'off'}" for k, v in fast.report().items()),
              extra={"fields": {"event": "fast_paths", "fast_paths": fast.report()}})
     return trainer
 
 
-def activation_bytes_per_token(config, liger: bool) -> int | None:
-    """Activations one token keeps per decoder stack for the backward pass without checkpointing (bf16, LoRA with
-    dropout on every projection), for a Llama-like config; None when the config does not say. Measured: 13B 9.7 MiB,
-    1.8B 2.9 MiB per token; this estimate is 4-13% above both."""
-    h, i, n = (getattr(config, k, None) for k in ("hidden_size", "intermediate_size", "num_hidden_layers"))
-    if not (isinstance(h, int) and isinstance(i, int) and isinstance(n, int)):
-        return None
-    # saved inputs of norms, projections, LoRA dropouts (and masks), attention; MLP gate/up/down inputs.
-    # Without Liger's kernels, RMSNorm keeps fp32 copies and the MLP and RoPE more intermediates.
-    per_layer = 16 * h + 4.5 * i if liger else 26 * h + 5.5 * i
-    return int(2 * n * per_layer)
-
-
-def _micro_batch_tokens(s: JobSettings, sequences_per_example: int, rows: int | None = None) -> int:
-    """The largest micro-batch (of `rows` examples; default: as set): packed SFT rows are full; DPO's chosen and
-    rejected rows are each up to MAX_LENGTH."""
-    return (rows or s.train.per_device_train_batch_size) * sequences_per_example * s.train.max_length
-
-
-def _activation_need(s: JobSettings, model, sequences_per_example: int, liger: bool, rows: int | None = None) -> int | None:
-    """GPU bytes the largest micro-batch needs without checkpointing (None: the config does not say)."""
-    per_token = activation_bytes_per_token(getattr(model, "config", None), liger)
-    if per_token is None:
-        return None
-    # + optimizer state, LM-head chunks, slack
-    return _micro_batch_tokens(s, sequences_per_example, rows) * per_token + 2 * 2**30
-
-
-def _free_gpu_bytes(model) -> int:
-    return torch.cuda.mem_get_info(next(model.parameters()).device)[0]
-
-
-def use_checkpointing(s: JobSettings, model, sequences_per_example: int, liger: bool) -> bool:
-    """JOB_TRAIN__GRADIENT_CHECKPOINTING, with `auto` decided from the free GPU memory once the model is loaded."""
-    setting = s.train.gradient_checkpointing
-    if setting != "auto":
-        return setting == "true"
-    if not torch.cuda.is_available() or model is None:
-        return True
-    need = _activation_need(s, model, sequences_per_example, liger)
-    if need is None:
-        return True
-    free = _free_gpu_bytes(model)
-    on = need > 0.9 * free
-    log.info("gradient checkpointing %s: a micro-batch of up to %d tokens needs ~%.1f GiB of activations, %.1f GiB free",
-             "on" if on else "off", _micro_batch_tokens(s, sequences_per_example), need / 2**30, free / 2**30)
-    return on
-
-
-def use_dequantized(s: JobSettings, model, sequences_per_example: int, liger: bool, *, checkpointing: bool) -> bool:
-    """JOB_QUANT__KEEP_DEQUANTIZED, with `auto` decided like checkpointing's, after it: memory goes first to turning
-    checkpointing off (x1.5 measured), then, if the copy still fits next to the activations, to the copy (+8%)."""
+def memory_plan(s: JobSettings, model, train_rows: list[dict] | None = None, *, checkpointing: bool | None = None,
+                keep_dequantized: bool | None = None, micro_batch_rows: int | None = None,
+                offload: bool | None = None) -> memplan.MemoryPlan:
+    """job/memplan.py's plan for this machine, the model loaded; a given value (a retry after running out of memory)
+    overrides its own choice. The same plan on every process."""
     from job.model import dequantized_bytes
 
-    setting = s.quant.keep_dequantized
-    if setting != "auto":
-        return setting == "true"
-    if s.quant.load_in != "4bit" or checkpointing or not torch.cuda.is_available():
-        return False
-    need, copy = _activation_need(s, model, sequences_per_example, liger), dequantized_bytes(model)
-    if need is None or copy == 0:
-        return False
-    free = _free_gpu_bytes(model)
-    on = need + copy <= 0.9 * free
-    log.info("4-bit base weights %s: a copy dequantized once needs %.1f GiB, next to ~%.1f GiB of activations, %.1f GiB free",
-             "dequantized once" if on else "dequantized in every call", copy / 2**30, need / 2**30, free / 2**30)
-    return on
+    cuda = torch.cuda.is_available() and model is not None
+    work = memplan.workload(s, train_rows, _world_size(), padding_free=_padding_free(s, model))
+    free = torch.cuda.mem_get_info(next(model.parameters()).device)[0] if cuda else None
+    copy = dequantized_bytes(model) if cuda and s.quant.load_in == "4bit" else 0
+    trainable = _new_adapter_parameters(s, model) if cuda else 0
+    plan = memplan.choose(s, model, work, liger=liger_on(s), cuda=cuda, free=free, copy_bytes=copy, trainable=trainable,
+                          checkpointing=checkpointing, keep_dequantized=keep_dequantized,
+                          micro_batch_rows=micro_batch_rows, offload=offload)
+    if plan.report is not None and cuda:
+        plan.report["allocated_before_gib"] = round(torch.cuda.memory_allocated() / 2**30, 3)
+    return memplan.same_on_every_process(plan)
 
 
-def micro_batch(s: JobSettings, model, sequences_per_example: int, liger: bool, *, checkpointing: bool,
-                dequantized: bool) -> int:
-    """Rows per micro-batch under JOB_TRAIN__MERGE_MICRO_BATCHES: PER_DEVICE_TRAIN_BATCH_SIZE times a divisor of
-    GRADIENT_ACCUMULATION_STEPS, so that a step keeps its rows. `auto` decides last, with what checkpointing and the
-    copy left: for packed SFT, the largest split whose activations fit next to the copy, with checkpointing off (x1.6
-    measured at the seed's 512-token rows, +6% at 1,024: bench/NOTES.md)."""
-    from job.model import dequantized_bytes
-
-    t = s.train
-    rows, accumulation = t.per_device_train_batch_size, t.gradient_accumulation_steps
-    if t.merge_micro_batches != "auto":
-        return rows * accumulation if t.merge_micro_batches == "true" else rows
-    if checkpointing or accumulation == 1 or not torch.cuda.is_available() or model is None:
-        return rows
-    if sequences_per_example != 1 or not t.packing:
-        # DPO and unpacked SFT pad each micro-batch to its longest row: a merged one trades fewer passes for more
-        # padding, which has not been measured to pay. Packed rows have no padding (measured: bench/NOTES.md #10-12).
-        return rows
-    copy = dequantized_bytes(model) if dequantized else 0
-    free = _free_gpu_bytes(model)
-    for k in sorted((k for k in range(1, accumulation + 1) if accumulation % k == 0), reverse=True):
-        need = _activation_need(s, model, sequences_per_example, liger, rows * k)
-        if need is None:
-            return rows
-        if k == 1 or need + copy <= 0.9 * free:
-            break
-    log.info("micro-batches of %d rows x %d per step (JOB_TRAIN__MERGE_MICRO_BATCHES=auto; set: %d x %d): up to %d "
-             "tokens need ~%.1f GiB of activations next to a %.1f GiB copy, %.1f GiB free", rows * k, accumulation // k,
-             rows, accumulation, _micro_batch_tokens(s, sequences_per_example, rows * k), need / 2**30, copy / 2**30,
-             free / 2**30)
-    return rows * k
-
-
-@dataclass(frozen=True)
-class MemoryPlan:
-    """How a stage spends GPU memory for speed, decided once the model is loaded, in this order (by measured worth):
-    activations kept (checkpointing off), the dequantized copy, then fewer, larger micro-batches."""
-
-    checkpointing: bool
-    dequantized: bool
-    micro_batch: int
-
-
-def memory_plan(s: JobSettings, model, sequences_per_example: int = 1, *, checkpointing: bool | None = None,
-                keep_dequantized: bool | None = None, micro_batch_rows: int | None = None) -> MemoryPlan:
-    """The `auto` choices for this machine; a given value (a retry after running out of memory) overrides its own."""
-    liger = liger_on(s)
-    if checkpointing is None:
-        checkpointing = use_checkpointing(s, model, sequences_per_example, liger)
-    if keep_dequantized is None:
-        keep_dequantized = model is not None and use_dequantized(s, model, sequences_per_example, liger,
-                                                                 checkpointing=checkpointing)
-    if micro_batch_rows is None:
-        micro_batch_rows = micro_batch(s, model, sequences_per_example, liger, checkpointing=checkpointing,
-                                       dequantized=keep_dequantized)
-    return _same_on_every_process(MemoryPlan(checkpointing, keep_dequantized, micro_batch_rows))
-
-
-def _same_on_every_process(plan: MemoryPlan) -> MemoryPlan:
-    """With several processes (torchrun), one plan for all, from each one's choices in one all-reduce: each GPU's free
-    memory may differ, and processes that differ would go wrong together: accumulating over different numbers of
-    micro-batches, they wait for each other forever at the gradient all-reduce; with checkpointing or the copy on one
-    rank only, the steps' speed and memory differ and the rank that guessed high runs out of memory. The most careful
-    choice of each wins: checkpointing if any chose it, the copy only if all did, the smallest micro-batch. They stay
-    consistent with each other: a rank with checkpointing on chose neither the copy nor a merged micro-batch, and the
-    smallest micro-batch also divides the step (each is the set size times a divisor of the accumulation)."""
+def _world_size() -> int:
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return plan
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    chosen = torch.tensor([int(plan.checkpointing), int(not plan.dequantized), -plan.micro_batch], device=device)
-    dist.all_reduce(chosen, op=dist.ReduceOp.MAX)
-    checkpointing, no_copy, rows = (int(v) for v in chosen.tolist())
-    agreed = MemoryPlan(bool(checkpointing), not no_copy, -rows)
-    if agreed != plan:
-        log.info("memory plan agreed by all %d processes: %s (this one chose %s)", dist.get_world_size(), agreed, plan)
-    return agreed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _padding_free(s: JobSettings, model) -> bool:
+    """DPO's micro-batches without padding (job/padfree.py): as job/fastpaths.py decides for this model."""
+    if s.stage != "dpo" or not s.train.packing or model is None:
+        return False
+    try:
+        return bool(fastpaths.for_model(s, model, next(model.parameters()).device).padding_free)
+    except Exception:  # noqa: BLE001 - the planner then assumes padded micro-batches (more memory, never less)
+        return False
+
+
+def _new_adapter_parameters(s: JobSettings, model) -> int:
+    """The adapter's trainable parameters (fp32 weight, gradient, two Adam moments on the GPU): counted on a
+    continued adapter, estimated from the LoRA rank for a new one (r x (in + out) per targeted linear layer)."""
+    if hasattr(model, "peft_config"):
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    config = getattr(model, "config", None)
+    h, i, n = (getattr(config, k, 0) or 0 for k in ("hidden_size", "intermediate_size", "num_hidden_layers"))
+    if not (isinstance(h, int) and isinstance(i, int) and isinstance(n, int)):
+        return 0
+    return int(s.lora.r) * n * (4 * 2 * h + 3 * (h + i))  # q, k, v, o and gate, up, down (an upper bound with GQA)
 
 
 def liger_on(s: JobSettings) -> bool:
@@ -348,13 +250,13 @@ def liger_on(s: JobSettings) -> bool:
 
 
 def training_args(s: JobSettings, checkpoint_dir: Path, *, has_eval: bool, progress_bar: bool, model=None,
-                  sequences_per_example: int = 1, checkpointing: bool | None = None, memory: MemoryPlan | None = None):
+                  checkpointing: bool | None = None, memory: memplan.MemoryPlan | None = None):
     """The stage's TRL config for this machine (job/trainargs.py maps the settings); `memory`: memory_plan's choices."""
     from job import trainargs
 
     cuda = torch.cuda.is_available()
     if memory is None:
-        memory = memory_plan(s, model, sequences_per_example, checkpointing=checkpointing)
+        memory = memory_plan(s, model, checkpointing=checkpointing)
     rt = trainargs.Runtime(output_dir=str(checkpoint_dir), cuda=cuda, has_eval=has_eval, progress_bar=progress_bar,
                            checkpointing=memory.checkpointing, liger=liger_on(s),
                            bf16=cuda and torch.cuda.is_bf16_supported(), micro_batch=memory.micro_batch)

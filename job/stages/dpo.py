@@ -22,13 +22,13 @@ def pair_lengths(args, dataset) -> list[int]:
 
 def build_trainer(s: JobSettings, model, tokenizer, train_rows, eval_rows, checkpoint_dir: Path, callbacks, *,
                   progress_bar: bool, checkpointing: bool | None = None, keep_dequantized: bool | None = None,
-                  micro_batch_rows: int | None = None, identity: str | None = None):
+                  micro_batch_rows: int | None = None, offload: bool | None = None, identity: str | None = None):
     """`train_rows`/`eval_rows`: job/sequences.py's fitted rows (prompt_ids, chosen_ids, rejected_ids), already within
     JOB_TRAIN__MAX_LENGTH with both answers whole."""
     from trl import DPOTrainer
 
-    memory = memory_plan(s, model, 2, checkpointing=checkpointing, keep_dequantized=keep_dequantized,  # chosen, rejected
-                         micro_batch_rows=micro_batch_rows)
+    memory = memory_plan(s, model, train_rows, checkpointing=checkpointing, keep_dequantized=keep_dequantized,
+                         micro_batch_rows=micro_batch_rows, offload=offload)
     args = training_args(s, checkpoint_dir, has_eval=bool(eval_rows), progress_bar=progress_bar, memory=memory)
     return make_trainer(DPOTrainer, s, model, args, tokenizer, train_rows, eval_rows, callbacks, pair_lengths,
-                        keep_dequantized=memory.dequantized, identity=identity)
+                        memory=memory, identity=identity)

@@ -19,13 +19,13 @@ def example_lengths(args, dataset) -> list[int] | None:
 
 def build_trainer(s: JobSettings, model, tokenizer, train_rows, eval_rows, checkpoint_dir: Path, callbacks, *,
                   progress_bar: bool, checkpointing: bool | None = None, keep_dequantized: bool | None = None,
-                  micro_batch_rows: int | None = None, identity: str | None = None):
+                  micro_batch_rows: int | None = None, offload: bool | None = None, identity: str | None = None):
     """`train_rows`/`eval_rows`: job/sequences.py's fitted rows (input_ids, completion_mask), already within
     JOB_TRAIN__MAX_LENGTH; TRL builds the labels from the completion mask and packs them."""
     from trl import SFTTrainer
 
-    memory = memory_plan(s, model, checkpointing=checkpointing, keep_dequantized=keep_dequantized,
-                         micro_batch_rows=micro_batch_rows)
+    memory = memory_plan(s, model, train_rows, checkpointing=checkpointing, keep_dequantized=keep_dequantized,
+                         micro_batch_rows=micro_batch_rows, offload=offload)
     args = training_args(s, checkpoint_dir, has_eval=bool(eval_rows), progress_bar=progress_bar, memory=memory)
     return make_trainer(SFTTrainer, s, model, args, tokenizer, train_rows, eval_rows, callbacks, example_lengths,
-                        keep_dequantized=memory.dequantized, identity=identity)
+                        memory=memory, identity=identity)
