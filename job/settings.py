@@ -113,7 +113,8 @@ class QuantSettings(_Group):
     #: layer again in every forward and backward pass: the same products (the copy is what bitsandbytes dequantizes
     #: to on each call), for 2 bytes per base parameter more (24 GiB at 13B). Never saved: adapters, checkpoints and
     #: merges are the same either way. `auto`: on when gradient checkpointing is off (the GPU has room) and the copy
-    #: fits next to the largest micro-batch's activations; off on a CPU. Measured on an H200, 13B SFT: bench/NOTES.md.
+    #: fits next to the largest micro-batch's activations; off on a CPU. Measured on an H200, 13B SFT:
+    #: docs/benchmarks.md, levers 4 and 4b.
     keep_dequantized: AutoTrueFalse = "auto"
 
     @field_validator("keep_dequantized")
@@ -175,7 +176,7 @@ class TrainSettings(_Group):
     #: With gradient checkpointing on a GPU, keep what checkpointing saves of each layer (its input) in pinned CPU
     #: memory until the backward pass, copied out and back alongside the computation (job/offload.py): a 13B keeps
     #: 400 KiB less GPU memory per token of a micro-batch, room for a micro-batch twice as large at the same peak.
-    #: Not part of the run identity. Measured on an H200, 13B SFT: bench/NOTES.md.
+    #: Not part of the run identity. Measured on an H200, 13B SFT: docs/benchmarks.md, lever 16.
     offload_checkpoints: bool = False
     #: Run each optimizer step's PER_DEVICE_TRAIN_BATCH_SIZE x GRADIENT_ACCUMULATION_STEPS rows in fewer, larger
     #: micro-batches: the same rows and the same gradient per step (SFT's loss is normalised over the whole step; DPO's
@@ -185,7 +186,7 @@ class TrainSettings(_Group):
     #: runs out of memory gives back. (DPO and unpacked SFT pad a micro-batch to its longest row, so a larger one also
     #: pads more: not measured to pay, so `auto` leaves them as set.) `true`: the whole step in one micro-batch, any
     #: stage. `false`: exactly as set. Not part of the run identity (how, not what, is trained): a pod that resumes on
-    #: another GPU may split steps differently. Measured on an H200, 13B SFT: bench/NOTES.md.
+    #: another GPU may split steps differently. Measured on an H200, 13B SFT: docs/benchmarks.md, levers 10-12.
     merge_micro_batches: AutoTrueFalse = "auto"
     #: SFT: pack several examples into one row (no attention across examples; padding-free). DPO: run each
     #: micro-batch's rows as one row without padding (job/padfree.py). Either way no padding is computed.

@@ -1,7 +1,7 @@
 """JOB_TRAIN__MERGE_MICRO_BATCHES: a step's rows in fewer, larger micro-batches train the same adapter (the same rows
 and gradient per step), are chosen by `auto` only where the GPU has room, are the first thing a run that runs out of
 memory gives back, and may differ between attempts of one run. The speed they buy is measured on the GPU
-(bench/NOTES.md)."""
+(docs/benchmarks.md, levers 10-12)."""
 
 from __future__ import annotations
 
@@ -111,7 +111,8 @@ def test_auto_merges_only_on_a_gpu_with_room_and_keeps_the_rows_per_step(monkeyp
         return common.micro_batch(s, model, stage_rows, True, **kw)
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert rows(131) == 8 and rows(131, max_length=512) == 16  # H200: measured x1.06 and x1.61 (bench/NOTES.md)
+    # H200: measured x1.06 and x1.61 (docs/benchmarks.md, levers 11 and 10)
+    assert rows(131) == 8 and rows(131, max_length=512) == 16
     assert rows(131, copy_gib=0) == 8 and rows(200, copy_gib=0) == 16  # 16 rows of 1,024: ~178 GiB of activations
     # Padded micro-batches (DPO, unpacked SFT) stay as set even with room: a merged one would also pad more.
     assert rows(500, stage_rows=2, max_length=256) == 4 and rows(500, packing="false") == 4
