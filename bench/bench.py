@@ -80,7 +80,7 @@ VARIANTS = {
     # per micro-batch at the memory of 4 without it.
     "lowmem8_offload": variant(8, 2, "true", JOB_TRAIN__OPTIM="paged_adamw_8bit", JOB_TRAIN__OFFLOAD_CHECKPOINTS="true"),
     "lowmem4_offload": variant(4, 4, "true", JOB_TRAIN__OPTIM="paged_adamw_8bit", JOB_TRAIN__OFFLOAD_CHECKPOINTS="true"),
-    # Levers, one at a time against `default` (bench/NOTES.md): `sdpa` is the attention before job/attention.py
+    # Levers, one at a time against `default` (docs/benchmarks.md, the levers): `sdpa` is the attention before job/attention.py
     # (packed rows as masked SDPA); `cudnn` lets SDPA use cuDNN again where job/attention.py's masked path avoids it;
     # `dropout0` is LoRA without dropout (a speed measurement only: the default changes only with learning evidence).
     "sdpa": {"_attn": "sdpa"},
@@ -91,9 +91,9 @@ VARIANTS = {
     "dequant": {"JOB_QUANT__KEEP_DEQUANTIZED": "true"},
     "nodequant": {"JOB_QUANT__KEEP_DEQUANTIZED": "false"},
     "nogc": variant(4, 4, "false"),
-    # PEFT's own LoRA forward instead of job/lora.py's lean one (row 15 of bench/NOTES.md), at the default and at low memory.
+    # PEFT's own LoRA forward instead of job/lora.py's lean one (docs/benchmarks.md, lever 15), at the default and at low memory.
     "peft_lora": {"_peft_lora": "1"},
-    # DPO on TRL's padded batches instead of job/padfree.py's one row without padding (row 17 of bench/NOTES.md);
+    # DPO on TRL's padded batches instead of job/padfree.py's one row without padding (docs/benchmarks.md, lever 17);
     # for SFT the same setting means unpacked rows.
     "padded": {"JOB_TRAIN__PACKING": "false"},
     # 8 pairs per micro-batch, 2 per step (the same pairs and gradient per step as the default 4 x 4), checkpointing off
@@ -122,7 +122,7 @@ VARIANTS.update({f"p_{mode}{'_copy' if copy else ''}_{rows}": pinned(rows, mode,
                  for mode in ("keep", "gc", "off") for copy in (False, True) for rows in (4, 8, 16)})
 
 #: headline.json's rows: key -> (who, run name) in a result file. `job_lowmem` is the fastest low-memory setting (under 12 GiB:
-#: 8 rows of 1,024 per micro-batch, checkpointing with the layer inputs offloaded, paged 8-bit AdamW; bench/NOTES.md row 16).
+#: 8 rows of 1,024 per micro-batch, checkpointing with the layer inputs offloaded, paged 8-bit AdamW; docs/benchmarks.md, lever 16).
 HEADLINE_ROWS = {"job": ("job", "default"), "job_lowmem": ("job", "lowmem8_offload"), "seed": ("seed", "seed"),
                  "trl_best": ("trl", "trl_best"), "unsloth": ("unsloth", "unsloth"), "unsloth_lowmem": ("unsloth", "unsloth_lowmem")}
 #: Rows the bench has no runner for, and why (instead of "not measured").

@@ -147,7 +147,7 @@ def _settle() -> None:
     now on changes nothing, so it is ignored instead of raising `Preempted` into the report or the exit. torchrun
     sends SIGTERM to the other processes as soon as one fails; one that is already reporting its own error, or
     exiting, would otherwise print a traceback. What is left is short: the log line, then `_exit` (its atexit handlers
-    took 0.02 s on the H200 host, bench/NOTES.md row 14)."""
+    took 0.02 s on the H200 host, docs/benchmarks.md, lever 14)."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
 

@@ -24,7 +24,7 @@ below that use it):
   builds for it (the mask function registered for this name is `sdpa`'s), so the results there are `sdpa`'s. On CUDA
   that path leaves out cuDNN's SDPA backend, whose plan for each new shape stalls the GPU when micro-batches keep
   changing length (padded DPO batches); whether that pays is measured by the benchmark's `cudnn` variant
-  (bench/NOTES.md).
+  (docs/benchmarks.md, lever 3).
 
 Models this can't serve never get it: job/fastpaths.py loads soft-capping models (Gemma-2) with transformers' `eager`
 and refuses packed rows for models that compute attention in their own code (Bloom, Falcon, MPT).

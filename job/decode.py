@@ -3,8 +3,8 @@ forward pass replayed from a CUDA graph captured once per batch.
 
 Why: transformers' `generate` runs the decoder eagerly, so a new token costs one Python dispatch and one kernel launch
 per operation: for 8 prompts on the 13B model, ~48 ms per token on an H200 whose weights are read in ~6 ms, and the
-"before" answers of the seed's SFT (8 prompts x 256 tokens, a base model that does not stop) took 12-17 s of a
-150-s goal (bench/NOTES.md). transformers' own remedy (a static cache with `torch.compile`) compiles the decoder
+"before" answers of the seed's SFT (8 prompts x 256 tokens, a base model that does not stop) took 12-17 s of a 150-s
+goal (docs/benchmarks.md, lever 13). transformers' own remedy (a static cache with `torch.compile`) compiles the decoder
 first, which costs more than these few hundred tokens save. A CUDA graph needs no compiler: the forward pass of one
 token is recorded once (the kernels and their arguments) and replayed, with the positions, the mask and the cache's
 write position kept in GPU tensors that the replay itself advances.

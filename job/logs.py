@@ -60,8 +60,9 @@ NOISE = (
     # package is missing. bitsandbytes falls back to its own kernel, and the job's CPU path (the demo, tests) keeps
     # the 4-bit layout that kernel would repack anyway (job.model.keep_4bit_layout).
     ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward", "optional CPU kernel"),
-    # At liger-kernel's import on GPUs (twice per process, bench/results/e2e-*.log.jsonl): its alternative backends for
-    # other hardware (CuTe DSL, Ascend NPUs) are missing; it uses its Triton kernels, which the job measured.
+    # At liger-kernel's import on GPUs (twice per process in the 13B runs' stage logs, e.g. `git show
+    # 2121a1e:bench/results/e2e-sft-1204-run16.log.jsonl`): its alternative backends for other hardware (CuTe DSL,
+    # Ascend NPUs) are missing; it uses its Triton kernels, which the job measured.
     ("liger_kernel.backends.registry", "Backend impl ", "optional backends for other hardware"),
 )
 

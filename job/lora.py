@@ -30,8 +30,8 @@ Anything else (inference without autocast, adapters disabled for DPO's reference
 through PEFT's own forward, unchanged. The dropout draws the same masks in the same order as PEFT's forward, so a seeded
 run sees the same randomness; tests/test_lora.py compares both forwards' losses and gradients.
 
-Measured on an H200, 13B, against PEFT's forward in the same process (bench/NOTES.md, row 15): SFT +5.2% (8,730 vs
-8,297 tokens/s), with checkpointing +5.5%, DPO +4.1% without the dequantized copy and +0.3% with it."""
+Measured on an H200, 13B, against PEFT's forward in the same process (docs/benchmarks.md, lever 15): SFT +5.2%
+(8,730 vs 8,297 tokens/s), with checkpointing +5.5%, DPO +4.1% without the dequantized copy and +0.3% with it."""
 
 from __future__ import annotations
 

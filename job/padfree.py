@@ -1,10 +1,10 @@
 """DPO without padding: each micro-batch's chosen and rejected rows run through the model as one flat row.
 
 TRL 1.16's DPOTrainer pads every micro-batch to its longest row (its own `padding_free` is switched off: "temporarily
-unavailable after a refactor"). The job's DPO rows are 55-70% real tokens after length sorting (bench/NOTES.md), so a
-third or more of every DPO forward and backward was spent on padding. With JOB_TRAIN__PACKING (the default), the job
-instead joins a micro-batch's rows into one row without padding, whose positions restart at each row; the attention
-(job/attention.py) keeps each row to itself through the row boundaries, as for packed SFT rows.
+unavailable after a refactor"). The job's DPO rows are 55-70% real tokens after length sorting (docs/benchmarks.md,
+lever 17), so a third or more of every DPO forward and backward was spent on padding. With JOB_TRAIN__PACKING (the
+default), the job instead joins a micro-batch's rows into one row without padding, whose positions restart at each row;
+the attention (job/attention.py) keeps each row to itself through the row boundaries, as for packed SFT rows.
 
 Two pieces, which job/stages/common.py installs together for DPO with packing on:
 

@@ -113,7 +113,8 @@ class QuantSettings(_Group):
     #: layer again in every forward and backward pass: the same products (the copy is what bitsandbytes dequantizes
     #: to on each call), for 2 bytes per base parameter more (24 GiB at 13B). Never saved: adapters, checkpoints and
     #: merges are the same either way. `auto`: on when gradient checkpointing is off (the GPU has room) and the copy
-    #: fits next to the largest micro-batch's activations; off on a CPU. Measured on an H200, 13B SFT: bench/NOTES.md.
+    #: fits next to the largest micro-batch's activations; off on a CPU. Measured on an H200, 13B SFT:
+    #: docs/benchmarks.md, levers 4 and 4b.
     keep_dequantized: AutoTrueFalse = "auto"
 
     @field_validator("keep_dequantized")
@@ -177,7 +178,7 @@ class TrainSettings(_Group):
     #: memory until the backward pass, copied out and back alongside the computation (job/offload.py): a 13B keeps
     #: 400 KiB less GPU memory per token of a micro-batch, room for a micro-batch twice as large at the same peak.
     #: `auto`: the memory plan's choice (where memory is short, a larger micro-batch with it beats a smaller one
-    #: without). Not part of the run identity. Measured, 13B SFT: docs/benchmarks.md.
+    #: without). Not part of the run identity. Measured, 13B SFT: docs/benchmarks.md, lever 16.
     offload_checkpoints: AutoTrueFalse = "auto"
     #: Run each optimizer step's PER_DEVICE_TRAIN_BATCH_SIZE x GRADIENT_ACCUMULATION_STEPS rows in fewer, larger
     #: micro-batches: the same rows and the same gradient per step (SFT's loss is normalised over the whole step; DPO's
@@ -187,7 +188,8 @@ class TrainSettings(_Group):
     #: chose); the first thing a run that runs out of memory gives back. (Padded micro-batches, unpacked SFT and
     #: `JOB_TRAIN__PACKING=false` DPO, pad to their longest row, so a larger one also pads more: `auto` leaves them as
     #: set.) `true`: the whole step in one micro-batch, any stage. `false`: exactly as set. Not part of the run
-    #: identity (how, not what, is trained): a pod that resumes on another GPU may split steps differently.
+    #: identity (how, not what, is trained): a pod that resumes on another GPU may split steps differently. Measured,
+    #: 13B: docs/benchmarks.md, levers 10-12.
     merge_micro_batches: AutoTrueFalse = "auto"
     #: SFT: pack several examples into one row (no attention across examples; padding-free). DPO: run each
     #: micro-batch's rows as one row without padding (job/padfree.py). Either way no padding is computed.

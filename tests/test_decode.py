@@ -1,7 +1,7 @@
 """job/decode.py's greedy answers (a static KV cache; on a GPU, a CUDA graph replayed for each token) are transformers'
 `generate` answers, token for token, for left-padded batches, with or without an adapter; they stop when every row
 has ended or the time is up; models the path does not cover get `generate`. Its speed is measured on the GPU
-(bench/NOTES.md)."""
+(docs/benchmarks.md, lever 13)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """JOB_QUANT__KEEP_DEQUANTIZED: one copy of the 4-bit base dequantized once (job/model.py) computes what bitsandbytes
 computes on every call, trains the same adapter, is never saved, is chosen by `auto` only where memory allows, and is
-the first thing dropped when a run runs out of GPU memory. The speed it buys is measured on the GPU (bench/NOTES.md)."""
+the first thing dropped when a run runs out of GPU memory. The speed it buys is measured on the GPU
+(docs/benchmarks.md, levers 4 and 4b)."""
 
 from __future__ import annotations
 

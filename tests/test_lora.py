@@ -1,6 +1,6 @@
 """job/lora.py: the lean LoRA forward trains like PEFT's own (same loss and gradients under bf16 autocast, the same
 dropout masks), really replaces it, and lets checkpointing's recompute skip the base GEMM of each layer's last
-projection. The speed it buys is measured on the GPU (bench/NOTES.md, row 15)."""
+projection. The speed it buys is measured on the GPU (docs/benchmarks.md, lever 15)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """JOB_TRAIN__MERGE_MICRO_BATCHES: a step's rows in fewer, larger micro-batches train the same adapter (the same rows
 and gradient per step), are chosen by `auto` only where the GPU has room, are the first thing a run that runs out of
 memory gives back, and may differ between attempts of one run. The speed they buy is measured on the GPU
-(bench/NOTES.md)."""
+(docs/benchmarks.md, levers 10-12)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """JOB_TRAIN__OFFLOAD_CHECKPOINTS (job/offload.py): with checkpointing on a GPU, the checkpointed layers' inputs wait
 for the backward in pinned CPU memory, and the gradients are exactly those of a run that kept them on the GPU. What it
-saves and costs on a 13B is measured on the GPU (bench/NOTES.md)."""
+saves and costs on a 13B is measured on the GPU (docs/benchmarks.md, lever 16)."""
 
 from __future__ import annotations
 

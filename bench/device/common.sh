@@ -1,5 +1,5 @@
-# Sourced by bench/device/run*.sh: output, time budget, packages and the model, the same way in every device call.
-#   NAME=run1 source bench/device/common.sh     then: left (seconds of budget left), $WORK, $SHAPE, $DEVICE, $build
+# Sourced by bench/device/run.sh: output, time budget, packages and the model, the same way in every device call.
+#   NAME=call source bench/device/common.sh     then: left (seconds of budget left), $WORK, $SHAPE, $DEVICE, $build
 # LOCAL=1: a dry run on a CPU machine in a prepared environment (no wheels; use SHAPE=tiny).
 : "${OUT:=/tmp/out}"
 mkdir -p "$OUT"

@@ -9,7 +9,7 @@
 #                  unsloth wheel stripped of `studio/` and `unsloth_cli/` (26 MB of web UI and CLI that
 #                  `import unsloth` never loads). Unsloth needs its own environment: never on the job's PYTHONPATH.
 # The lists are ../shared/gpu/wheels.sh's and ../shared/gpu/peers.sh's (Unsloth measured that way on the H200).
-#   usage: bench/device/wheels.sh          then carry [".gpuw"]; bench/device/run1.sh installs them
+#   usage: bench/device/wheels.sh          then carry [".gpuw"]; bench/device/run.sh (through common.sh) installs them
 set -euo pipefail
 top=$(git rev-parse --show-toplevel)
 cd "$top"
@@ -89,4 +89,4 @@ PY
 du -sh .gpuw/* .gpuw
 total=$(du -sbc .gpuw | tail -1 | cut -f1)
 [ "$total" -lt $((60 * 1024 * 1024)) ] || { echo "wheels: $total bytes, too close to the 64 MiB carry limit"; exit 1; }
-echo 'carry [".gpuw"]; bench/device/run1.sh installs .gpuw/common+job into /tmp/site and .gpuw/common+unsloth into /tmp/usite'
+echo 'carry [".gpuw"]; bench/device/run.sh (common.sh) installs .gpuw/common+job into /tmp/site and .gpuw/common+unsloth into /tmp/usite'
