@@ -235,7 +235,7 @@ def choose(s, model, work: Workload, *, liger: bool, cuda: bool, free: int | Non
     known = cuda and free is not None and per_layer_bytes(config, liger) is not None
     if not known:  # a CPU run, or a model whose shape the planner can't read: careful defaults
         gc = checkpointing if checkpointing is not None else (t.gradient_checkpointing != "false")
-        copy = keep_dequantized if keep_dequantized is not None else (s.quant.keep_dequantized == "true" and cuda)
+        copy = keep_dequantized if keep_dequantized is not None else s.quant.keep_dequantized == "true"
         off = bool(gc and cuda and (offload if offload is not None else t.offload_checkpoints == "true"))
         rows = sizes[-1] if micro_batch_rows is not None or t.merge_micro_batches == "true" else work.rows
         why = "no GPU" if not cuda else "the model's shape is not one the planner reads"

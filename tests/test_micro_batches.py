@@ -244,4 +244,4 @@ def test_with_several_processes_running_out_of_memory_exits_75_and_the_retry_sta
         pipeline._train(s, plan, None, None, False)
     assert seen[1]["micro_batch_rows"] == 2 and "starts without the copy" in str(e.value)
     assert json.loads((tmp_path / "out" / "r" / "checkpoints" / pipeline.MEMORY_CHOICES).read_text()) == {
-        "checkpointing": None, "keep_dequantized": False, "micro_batch_rows": 2}
+        "checkpointing": None, "keep_dequantized": False, "micro_batch_rows": 2, "offload": None}
