@@ -892,6 +892,56 @@ def goals(h: dict, shape: str) -> dict:
     return out
 
 
+def card(files: list[Path]) -> dict:
+    """One entry of headline.json's `cards`: a card (or a smaller one simulated on it, BUDGETS in bench/device/run.sh)
+    measured in one call: the job's `default` (`auto`) against every other job variant measured beside it, per stage;
+    peers where the call ran them."""
+    results = [(f, json.loads(f.read_text())) for f in files]
+    env = results[0][1]["environment"]
+    entry: dict = {"device": env.get("device"), "memory_free_gib": env.get("memory_free_gib"), "date": env.get("date"),
+                   "commit": env.get("git_commit"), "versions": {k: env.get(k) for k in (*PACKAGES, "python", "cuda")},
+                   "sources": [f.name for f, _ in results]}
+    runs = [r for _, res in results for r in res["runs"]]
+    shape = results[0][1]["shape"]
+    for stage, key in (("sft", "steady_tokens_per_s"), ("dpo", "steady_pairs_per_s")):
+        block: dict = {}
+        for r in runs:
+            if r.get("stage") != stage:
+                continue
+            row = headline_row(r, next(f.name for f, res in results if r in res["runs"]))
+            if r.get("who") == "job":
+                plan = ((r.get("metrics") or {}).get("memory_plan") or {})
+                row["plan"] = plan.get("chosen")
+                for k in ("estimated_peak_gib", "free_gib"):
+                    if plan.get(k) is not None:
+                        row[k] = plan[k]
+            block[r["name"] if r.get("who") == "job" else f"{r.get('who')}_{r['name']}"] = row
+        job = {k: v for k, v in block.items() if v.get(key) and k in {r["name"] for r in runs if r.get("who") == "job"}}
+        if job:
+            best = max(job, key=lambda k: job[k][key])
+            block["job_best"] = {"name": best, key: job[best][key]}
+            if job.get("default"):
+                block["auto_vs_best"] = round(job["default"][key] / job[best][key], 3)
+        entry[f"{stage}_{shape}"] = block
+    e2e = next((r for r in runs if r.get("name") == "e2e" and r.get("ok")), None)
+    entry["e2e_seconds"] = e2e["wall_s"] if e2e else None
+    return entry
+
+
+def cmd_card(a) -> int:
+    """Add (or replace: same device, free memory and date) a card entry in headline.json."""
+    entry = card([Path(f) for f in a.files])
+    path = Path(a.headline)
+    h = json.loads(path.read_text())
+    same = lambda c: (c.get("device"), c.get("memory_free_gib"), c.get("date")) == (entry["device"], entry["memory_free_gib"], entry["date"])  # noqa: E731
+    h["cards"] = [c for c in h.get("cards", []) if not same(c)] + [entry]
+    path.write_text(json.dumps(h, indent=2) + "\n")
+    print(json.dumps({k: entry.get(k) for k in ("device", "memory_free_gib")} | {
+        s: {k: v.get(k) for k in ("job_best", "auto_vs_best")} for s, v in entry.items() if s.startswith(("sft_", "dpo_"))},
+        indent=1))
+    return 0
+
+
 def cmd_headline(a) -> int:
     h = headline([Path(f) for f in a.files])
     text = json.dumps(h, indent=2) + "\n"
@@ -931,8 +981,12 @@ def main(argv: list[str] | None = None) -> int:
     hp = sub.add_parser("headline", help="bench/results/headline.json from result files of one shape")
     hp.add_argument("files", nargs="+")
     hp.add_argument("--out")
+    cp = sub.add_parser("card", help="add one card's entry (result files of one call) to headline.json's `cards`")
+    cp.add_argument("files", nargs="+")
+    cp.add_argument("--headline", default=str(ROOT / "bench" / "results" / "headline.json"))
     a = p.parse_args(argv)
-    return {"run": lambda: cmd_run(a, argv), "report": lambda: cmd_report(a), "headline": lambda: cmd_headline(a)}[a.cmd]()
+    return {"run": lambda: cmd_run(a, argv), "report": lambda: cmd_report(a), "headline": lambda: cmd_headline(a),
+            "card": lambda: cmd_card(a)}[a.cmd]()
 
 
 if __name__ == "__main__":

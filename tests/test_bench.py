@@ -123,3 +123,32 @@ def test_headline_keeps_a_measurement_over_a_later_skip(tmp_path):
     assert h["dpo_13b"]["job"]["steady_pairs_per_s"] == 4.5 and h["dpo_13b"]["job"]["source"] == "bench-13b-run1.json"
     assert h["goals"]["dpo steady pairs/s"] == {"target": ">= 6", "measured": 4.5, "met": False}
     assert "no Unsloth DPO peer" in h["dpo_13b"]["unsloth"]["skipped"]
+
+
+def test_a_card_entry_compares_auto_with_the_fastest_job_variant_measured_beside_it(tmp_path):
+    """headline.json `cards`: per stage the fastest job variant, `auto` (the `default` run) as a share of it, and the
+    memory plan `auto` chose with its estimated peak; a failed variant (out of memory) is not the fastest."""
+    def run(name, stage, steady, **extra):
+        key = "steady_tokens_per_second" if stage == "sft" else "steady_pairs_per_second"
+        return {"who": "job", "stage": stage, "name": name, key: steady, "peak_gpu_memory_gib": 40.0, **extra}
+
+    plan = {"auto": True, "chosen": {"checkpointing": False, "micro_batch": 8}, "estimated_peak_gib": 68.4, "free_gib": 71.0}
+    path = tmp_path / "bench-13b-r-full.json"
+    path.write_text(json.dumps({"shape": "13b", "environment": {"device": "NVIDIA H100 80GB HBM3", "memory_free_gib": 78.6,
+                                                                  "date": "2026-12-07", "git_commit": "abc1234"},
+                                "runs": [run("default", "dpo", 8.5, metrics={"memory_plan": plan}), run("p_keep_4", "dpo", 6.9),
+                                         run("p_keep_copy_8", "dpo", None, error="OutOfMemoryError: ..."),
+                                         run("default", "sft", 7000.0), run("p_keep_copy_4", "sft", 7700.0)]}))
+    headline = tmp_path / "headline.json"
+    headline.write_text(json.dumps({"device": "NVIDIA H200"}))
+    assert bench_module.main(["card", str(path), "--headline", str(headline)]) == 0
+    h = json.loads(headline.read_text())
+    assert h["device"] == "NVIDIA H200"  # the top-level H200 fields stay
+    (c,) = h["cards"]
+    assert c["device"] == "NVIDIA H100 80GB HBM3" and c["memory_free_gib"] == 78.6
+    assert c["dpo_13b"]["job_best"] == {"name": "default", "steady_pairs_per_s": 8.5} and c["dpo_13b"]["auto_vs_best"] == 1.0
+    assert c["dpo_13b"]["default"]["plan"] == plan["chosen"] and c["dpo_13b"]["default"]["estimated_peak_gib"] == 68.4
+    assert "skipped" in c["dpo_13b"]["p_keep_copy_8"]
+    assert c["sft_13b"]["job_best"]["name"] == "p_keep_copy_4" and c["sft_13b"]["auto_vs_best"] == 0.909
+    assert bench_module.main(["card", str(path), "--headline", str(headline)]) == 0  # the same call again: replaced
+    assert len(json.loads(headline.read_text())["cards"]) == 1
