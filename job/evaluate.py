@@ -220,7 +220,8 @@ def _generation_memory(model, s):
     finally:
         if added:
             drop_dequantized(model)
-            torch.cuda.empty_cache()
+        # The KV cache and decode graphs' memory back to the GPU: the memory plan (job/memplan.py) counted on it.
+        torch.cuda.empty_cache()
 
 
 def generate(model, tokenizer, prompts: list[Prompt], *, max_new_tokens: int, batch_tokens: int,

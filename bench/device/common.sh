@@ -50,7 +50,7 @@ bench_run() {  # the benchmark with $PLAN, stopped before the budget ends (or $S
   local hard=$(( budget - 8 ))
   [ "$hard" -ge 60 ] || hard=60
   timeout "$hard" python3 bench/bench.py run --shape "$SHAPE" --work "$WORK" --out "$OUT" --tag "$NAME" --plan "$PLAN" \
-    --warmup-steps 2 --deadline-s $(( budget - 80 ))
+    --warmup-steps 2 --deadline-s $(( budget - ${RUN_S:-80} ))
 }
 headline() {  # print the goals of a result file's headline
   python3 bench/bench.py headline "$OUT/bench-$SHAPE-$NAME.json" --out "$OUT/headline-$NAME.json" && python3 -c \

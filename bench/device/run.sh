@@ -10,6 +10,7 @@
 #            GiB a process should find free, which a holder process makes true by keeping the rest of the card
 #            (torch.cuda.mem_get_info then reports what a smaller card would: capacity only, not its compute or
 #            bandwidth); results in bench-SHAPE-NAME-GIB.json                                        (default: none)
+#   RUN_S    seconds kept for the run in flight when the deadline passes                            (default: 80)
 #   BUDGET, SHAPE, BENCH_COMMIT as in common.sh.
 #
 #   run: command  "BENCH_COMMIT=$(git rev-parse --short HEAD) NAME=r1 TESTS='tests/test_families.py' PLAN=sft:job:default@8 \
