@@ -159,7 +159,7 @@ def test_a_hung_process_group_fails_with_every_workers_stack_instead_of_hanging(
     assert "did not finish within 20 s" in message
     # Each worker's stack, at its sleep. Both dump to the one stderr at once, so their lines can interleave (CI once
     # printed 'hang.py", line Current thread 0x... 3 in <module>'); faulthandler writes a file name in one piece.
-    assert message.count("hang.py") >= 2 and "line 3" in message, message[-3000:]
+    assert message.count("hang.py") >= 2, message[-3000:]
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(script) not in ps
 
