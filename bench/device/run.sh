@@ -13,9 +13,14 @@
 #   RUN_S    seconds kept for the run in flight when the deadline passes                            (default: 80)
 #   BUDGET, SHAPE, BENCH_COMMIT as in common.sh.
 #
-#   run: command  "BENCH_COMMIT=$(git rev-parse --short HEAD) NAME=r1 TESTS='tests/test_families.py' PLAN=sft:job:default@8 \
+#   run: command  "BENCH_COMMIT=2a5bf78 NAME=r1 TESTS='tests/test_families.py' PLAN=sft:job:default@8 \
 #                  BASE=.gpuw/base.tgz bash bench/device/run.sh"   carry [".gpuw"]   timeout_s 600
-#   (git archive 92e1107 job bench | gzip > .gpuw/base.tgz, after bench/device/wheels.sh)
+#   (git archive 92e1107 job bench | gzip > .gpuw/base.tgz, after bench/device/wheels.sh). Write BENCH_COMMIT out
+#   (`git rev-parse --short HEAD` here): `$(git rev-parse ...)` inside the command runs on the device, whose copy of
+#   .git is stale (it answered 92e1107 for 2a5bf78 on 2026-12-07).
+#   Memory budgets, issue 24's call r24a (one H100; the 23 GiB segment was planned, not run: device time ran out):
+#     BENCH_COMMIT=2a5bf78 NAME=r24a BUDGET=290 RUN_S=35 \
+#       BUDGETS="full=dpo:job:default@5,dpo:job:p_keep_copy_4@5,sft:job:default@6,sft:job:p_keep_4@6;23=sft:job:default@6,..."
 set -u -o pipefail
 NAME=${NAME:-call}
 source bench/device/common.sh
