@@ -108,7 +108,9 @@ def workload(s, train_rows: list[dict] | None, world_size: int = 1, *, padding_f
     sizes = [rows * k for k in _divisors(accumulation)]
     dpo = s.stage == "dpo"
     mergeable = bool(t.packing) and (dpo and padding_free or not dpo)
-    if not dpo and t.packing or not train_rows:
+    keys = ("prompt_ids", "chosen_ids", "rejected_ids") if dpo else ("input_ids",)
+    tokenized = bool(train_rows) and all(k in train_rows[0] for k in keys)
+    if not dpo and t.packing or not tokenized:  # packed rows, or rows TRL will tokenize: every row at MAX_LENGTH
         per = 2 * t.max_length if dpo else t.max_length
         return Workload(s.stage, rows, accumulation, mergeable, {n: n * per for n in sizes}, {n: float(n * per) for n in sizes})
     if dpo:

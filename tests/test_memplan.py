@@ -172,3 +172,12 @@ def test_a_cpu_run_reports_that_no_plan_was_needed(tiny_model, tmp_path):
     out = run_sft_in_process(tiny_model, tmp_path, "cpu")
     m = json.loads((out / "metrics.json").read_text())
     assert m["memory_plan"] == {"auto": False, "why": "no GPU"}
+
+
+def test_rows_the_trainer_tokenizes_itself_are_sized_at_max_length():
+    """Rows that are not the job's fitted token rows (a dataset TRL tokenizes) can't be replayed: every row counts as
+    MAX_LENGTH tokens, the most it can hold, instead of failing."""
+    from job import memplan
+
+    rows = [{"prompt": [{"role": "user", "content": "q"}], "chosen": [], "rejected": []}] * 8
+    assert memplan.workload(settings("dpo"), rows).worst[4] == 8 * 1024
