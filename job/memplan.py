@@ -145,13 +145,22 @@ def _epochs(s, n: int, step: int) -> int:
     return max(1, min(epochs, 8))
 
 
-def per_layer_bytes(config, liger: bool) -> int | None:
-    """Bytes one token keeps per decoder layer without checkpointing; None when the config does not say."""
+def per_layer_bytes(config, liger: bool, row_tokens: int = 0) -> int | None:
+    """Bytes one token keeps per decoder layer without checkpointing; None when the config does not say. A mixture of
+    experts runs each token through `num_experts_per_tok` experts' MLPs; transformers' eager attention (Gemma-2's
+    softcap, job/fastpaths.py) keeps each row's scores and probabilities, heads x `row_tokens` per token (bf16, plus the
+    fp32 softmax)."""
     h, i, n = (getattr(config, k, None) for k in ("hidden_size", "intermediate_size", "num_hidden_layers"))
     if not (isinstance(h, int) and isinstance(i, int) and isinstance(n, int)):
         return None
+    experts = getattr(config, "num_experts_per_tok", None)
+    if isinstance(experts, int) and experts > 1:
+        i = int(getattr(config, "moe_intermediate_size", None) or i) * experts
     a, b = PER_LAYER_LIGER if liger else PER_LAYER_PLAIN
-    return int(2 * (a * h + b * i))
+    attention = 0
+    if getattr(config, "_attn_implementation", None) == "eager":
+        attention = int(getattr(config, "num_attention_heads", 0) or 0) * row_tokens * 8
+    return int(2 * (a * h + b * i)) + attention
 
 
 def activation_bytes_per_token(config, liger: bool) -> int | None:
@@ -161,11 +170,11 @@ def activation_bytes_per_token(config, liger: bool) -> int | None:
 
 
 def estimate(config, tokens: int, mode: str, liger: bool, *, stage: str = "sft", copy: int = 0,
-             trainable: int = 0) -> int | None:
+             trainable: int = 0, row_tokens: int = 0) -> int | None:
     """Peak GPU bytes above the loaded model for a micro-batch of `tokens` tokens: `mode` keep (no checkpointing),
     checkpoint, or offload; `copy` the dequantized copy's bytes; `trainable` the adapter's parameters (fp32 weight,
-    gradient and two Adam moments each)."""
-    per_layer = per_layer_bytes(config, liger)
+    gradient and two Adam moments each); `row_tokens` the longest row (eager attention)."""
+    per_layer = per_layer_bytes(config, liger, row_tokens)
     if per_layer is None:
         return None
     h, n = config.hidden_size, config.num_hidden_layers
@@ -248,7 +257,8 @@ def choose(s, model, work: Workload, *, liger: bool, cuda: bool, free: int | Non
             mode = "offload" if off else ("checkpoint" if gc else "keep")
             for copy in copy_values:
                 for n in sizes:
-                    need = estimate(config, work.worst[n], mode, liger, stage=work.stage, copy=copy_bytes if copy else 0, trainable=trainable)
+                    need = estimate(config, work.worst[n], mode, liger, stage=work.stage, row_tokens=t.max_length,
+                                    copy=copy_bytes if copy else 0, trainable=trainable)
                     candidates.append(Candidate(mode, copy, n, need, speed(work.stage, work.mean[n], mode, copy)))
     room = usable(free)
     fitting = [c for c in candidates if c.need <= room]

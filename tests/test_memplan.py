@@ -181,3 +181,22 @@ def test_rows_the_trainer_tokenizes_itself_are_sized_at_max_length():
 
     rows = [{"prompt": [{"role": "user", "content": "q"}], "chosen": [], "rejected": []}] * 8
     assert memplan.workload(settings("dpo"), rows).worst[4] == 8 * 1024
+
+
+def test_experts_and_eager_attention_count_what_they_keep():
+    """A mixture of experts keeps each token's MLP activations once per expert it is routed to; transformers' eager
+    attention (Gemma-2's softcap) keeps each row's heads x length scores. Controls: the same shapes without them."""
+    from transformers import Gemma2Config, MistralConfig, MixtralConfig
+
+    from job import memplan
+
+    dense = MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32)
+    moe = MixtralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_experts_per_tok=2)
+    mlp = memplan.per_layer_bytes(dense, True) - memplan.per_layer_bytes(MistralConfig(hidden_size=4096, intermediate_size=0,
+                                                                                   num_hidden_layers=32), True)
+    assert memplan.per_layer_bytes(moe, True) == memplan.per_layer_bytes(dense, True) + mlp
+    gemma = Gemma2Config(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16)
+    gemma._attn_implementation = "eager"
+    flash = Gemma2Config(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16)
+    flash._attn_implementation = "sdpa"
+    assert memplan.per_layer_bytes(gemma, True, 1024) - memplan.per_layer_bytes(flash, True, 1024) == 16 * 1024 * 8
