@@ -92,6 +92,14 @@ class Workload:
     def sizes(self) -> list[int]:
         return sorted(self.worst)
 
+    def tokens(self, n: int) -> tuple[int, float]:
+        """The worst and mean micro-batch of n examples; a size not replayed (a retry's recorded choice from other
+        settings) scaled from the largest replayed one."""
+        if n in self.worst:
+            return self.worst[n], self.mean[n]
+        k = max(self.worst)
+        return math.ceil(self.worst[k] * n / k), self.mean[k] * n / k
+
 
 def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
@@ -257,9 +265,10 @@ def choose(s, model, work: Workload, *, liger: bool, cuda: bool, free: int | Non
             mode = "offload" if off else ("checkpoint" if gc else "keep")
             for copy in copy_values:
                 for n in sizes:
-                    need = estimate(config, work.worst[n], mode, liger, stage=work.stage, row_tokens=t.max_length,
+                    worst, mean = work.tokens(n)
+                    need = estimate(config, worst, mode, liger, stage=work.stage, row_tokens=t.max_length,
                                     copy=copy_bytes if copy else 0, trainable=trainable)
-                    candidates.append(Candidate(mode, copy, n, need, speed(work.stage, work.mean[n], mode, copy)))
+                    candidates.append(Candidate(mode, copy, n, need, speed(work.stage, mean, mode, copy)))
     room = usable(free)
     fitting = [c for c in candidates if c.need <= room]
     # Fastest first; among equals the one that needs least.
@@ -271,8 +280,8 @@ def choose(s, model, work: Workload, *, liger: bool, cuda: bool, free: int | Non
         "auto": True,
         "free_gib": round(free / GIB, 2),
         "usable_gib": round(room / GIB, 2),
-        "worst_micro_batch_tokens": work.worst[best.rows],
-        "mean_micro_batch_tokens": round(work.mean[best.rows], 1),
+        "worst_micro_batch_tokens": work.tokens(best.rows)[0],
+        "mean_micro_batch_tokens": round(work.tokens(best.rows)[1], 1),
         "chosen": best.describe(),
         "fits": bool(fitting),
         "faster_but_too_big": [c.describe() for c in sorted(candidates, key=lambda c: -c.speed)
@@ -283,7 +292,7 @@ def choose(s, model, work: Workload, *, liger: bool, cuda: bool, free: int | Non
              "estimated of %.1f GiB free (worst micro-batch %d tokens)%s",
              "on" if plan.checkpointing else "off", " with layer inputs offloaded" if plan.offload else "",
              "kept" if plan.dequantized else "not kept", plan.micro_batch, work.rows * work.accumulation // plan.micro_batch,
-             best.need / GIB, free / GIB, work.worst[best.rows],
+             best.need / GIB, free / GIB, work.tokens(best.rows)[0],
              "" if fitting else "; nothing was estimated to fit: the smallest plan is tried",
              extra={"fields": {"event": "memory_plan", "memory_plan": report}})
     return MemoryPlan(plan.checkpointing, plan.dequantized, plan.micro_batch, plan.offload, report=report)

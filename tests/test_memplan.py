@@ -200,3 +200,14 @@ def test_experts_and_eager_attention_count_what_they_keep():
     flash = Gemma2Config(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16)
     flash._attn_implementation = "sdpa"
     assert memplan.per_layer_bytes(gemma, True, 1024) - memplan.per_layer_bytes(flash, True, 1024) == 16 * 1024 * 8
+
+
+def test_a_recorded_micro_batch_the_settings_no_longer_offer_is_still_sized():
+    """A retried pod group may start with a micro-batch an earlier attempt recorded (job/pipeline.py): sized from the
+    replayed ones in proportion, not a KeyError."""
+    from job import memplan
+
+    s = settings("sft")
+    p = memplan.choose(s, model_13b(), memplan.workload(s, None), liger=True, cuda=True, free=71 * GIB,
+                       copy_bytes=COPY_13B, trainable=TRAINABLE_13B, micro_batch_rows=2)
+    assert p.micro_batch == 2 and p.report["worst_micro_batch_tokens"] == 2048
