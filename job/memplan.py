@@ -322,3 +322,58 @@ def same_on_every_process(plan: MemoryPlan) -> MemoryPlan:
                                                     "offload": agreed.offload, "dequantized": agreed.dequantized,
                                                     "micro_batch": agreed.micro_batch}
     return agreed
+
+
+# --- before the weights: --check and the preflight ------------------------------------------------------------------
+
+def load_bytes(meta, quant) -> tuple[int, int]:
+    """GPU bytes the base model takes once loaded, from its modules on the meta device (job/preflight.py), and its
+    quantized linear layers' bytes dequantized (the copy): 4-bit NF4 ~0.52 bytes per linear weight (with double
+    quantization's absmax), 8-bit ~1, otherwise 2 (bf16); embeddings, norms and the LM head (never quantized) 2.
+    Measured: llm-jp-3-13b loads in 8.02-8.08 GiB (H100, r24a), this gives 7.99."""
+    import torch.nn as nn
+
+    per_weight = {"4bit": 0.5 + 1 / 64, "8bit": 1.0 + 4 / 4096}.get(quant.load_in, 2.0)
+    linear = sum(m.weight.numel() for name, m in meta.named_modules()
+                 if isinstance(m, nn.Linear) and name.split(".")[-1] != "lm_head")
+    total = sum(p.numel() for p in meta.parameters())
+    return int(linear * per_weight + (total - linear) * 2), (2 * linear if quant.load_in == "4bit" else 0)
+
+
+def preview(s, meta, train_rows: list[dict] | None, device, *, padding_free: bool, world_size: int = 1) -> dict:
+    """The plan `auto` is expected to choose on this GPU, before any weights are downloaded (--check shows it), from
+    the model's modules on the meta device and the fitted training rows. Raises OutOfMemory when the weights and even
+    the smallest plan can't fit in the GPU's free memory: that run would fail after the download."""
+    import torch
+
+    from job.errors import OutOfMemory
+
+    if getattr(device, "type", str(device).split(":")[0]) != "cuda" or not torch.cuda.is_available():
+        return {"auto": False, "why": "no GPU"}
+    load, copy = load_bytes(meta, s.quant)
+    free = torch.cuda.mem_get_info(torch.device(device))[0]
+    work = workload(s, train_rows, world_size, padding_free=padding_free)
+    liger = bool(s.train.use_liger_kernel) and _liger_installed()
+    from job.stages.common import _new_adapter_parameters  # noqa: PLC0415 - the stage's own count
+
+    trainable = _new_adapter_parameters(s, meta)
+    plan = choose(s, meta, work, liger=liger, cuda=True, free=max(0, free - load), copy_bytes=copy, trainable=trainable)
+    report = dict(plan.report or {})
+    report.update(model_gib=round(load / GIB, 2), free_before_loading_gib=round(free / GIB, 2), predicted=True)
+    smallest = report.get("chosen", {}).get("estimated_gib")
+    if load > free or not report.get("fits", True) and smallest is not None and load + smallest * GIB > free:
+        t = s.train
+        raise OutOfMemory(
+            f"JOB_BASE_MODEL: this GPU has {free / GIB:.1f} GiB free; the model takes ~{load / GIB:.1f} GiB loaded "
+            f"({s.quant.load_in}) and training ~{smallest or 0:.1f} GiB more even with gradient checkpointing and "
+            f"micro-batches of {t.per_device_train_batch_size} x up to {t.max_length} tokens: lower "
+            f"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE or JOB_TRAIN__MAX_LENGTH, or use a GPU with more memory")
+    log.info("memory plan expected on this GPU (%.1f GiB free, the model ~%.1f GiB): %s", free / GIB, load / GIB,
+             report.get("chosen"))
+    return report
+
+
+def _liger_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None

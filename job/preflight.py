@@ -10,7 +10,9 @@ when they were loaded):
 4. the model's modules, built on the meta device from config.json: JOB_LORA__TARGET_MODULES must name some, and
    JOB_ADAPTER must fit them (shapes from its safetensors header);
 5. run identity: a JOB_RUN_ID used before must be the same stage, config, data and model (else exit 2);
-6. sequences: prompt format, the EOS check and the length policy (job/sequences.py), and the planned steps.
+6. sequences: prompt format, the EOS check and the length policy (job/sequences.py), and the planned steps;
+7. on a GPU, the memory plan `auto` is expected to choose (job/memplan.py, from the meta modules and the fitted rows):
+   a model whose weights and smallest plan can't fit in the GPU's free memory is refused (exit 5) before its download.
 
     >>> plan = prepare(settings, run_id="sft-v1")     # raises ConfigError / DataError / ModelError, naming the variable
     >>> plan.state, plan.train.report["dropped"]
@@ -216,6 +218,8 @@ class Models:
     identity: dict
     #: job/fastpaths.py's decision for this model on this process's device (a model it can't train right is refused)
     fast: object = None
+    #: the base model's modules on the meta device (no memory, no weights)
+    meta: object = None
 
 
 def check_models(s: JobSettings, workdir: Path) -> Models:
@@ -234,7 +238,7 @@ def check_models(s: JobSettings, workdir: Path) -> Models:
     from job.model import device_for_rank
 
     fast = fastpaths.decide(s, meta.config, device_for_rank(), cls=type(meta))
-    return Models(base_uri, base_dir, adapter_dir, {"base_model": base_ident, "adapter": adapter_ident}, fast)
+    return Models(base_uri, base_dir, adapter_dir, {"base_model": base_ident, "adapter": adapter_ident}, fast, meta)
 
 
 def pull_weights(s: JobSettings, models: Models) -> Path:
@@ -517,6 +521,13 @@ def prepare(s: JobSettings, run_id: str, *, dry: bool = False, main: bool = True
     restart = restart_wanted(s, remote, workdir)
     state = run_state(s, remote, ident, workdir, dry=dry or not main, restart=restart)
     plan_steps = planned_steps(s, train, world_size)
+    # What `auto` is expected to spend GPU memory on (job/memplan.py); a model that can't fit is refused here, before
+    # the weights are downloaded. Made again, measured, once the model is loaded.
+    from job import memplan
+    from job.model import device_for_rank
+
+    memory = memplan.preview(s, models.meta, train.rows, device_for_rank(), world_size=world_size,
+                             padding_free=bool(models.fast and models.fast.padding_free))
     report = {
         "run_id": run_id,
         "output": str(remote),
@@ -535,6 +546,7 @@ def prepare(s: JobSettings, run_id: str, *, dry: bool = False, main: bool = True
         "eval_prompts": len(prompts),
         # Decided again with the memory plan once the model is loaded (metrics.json has the final table).
         "fast_paths": models.fast.report(),
+        "memory_plan": memory,
         "inputs": {**inputs.identity, **model_identity},
         "warnings": warnings,
     }

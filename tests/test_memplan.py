@@ -211,3 +211,49 @@ def test_a_recorded_micro_batch_the_settings_no_longer_offer_is_still_sized():
     p = memplan.choose(s, model_13b(), memplan.workload(s, None), liger=True, cuda=True, free=71 * GIB,
                        copy_bytes=COPY_13B, trainable=TRAINABLE_13B, micro_batch_rows=2)
     assert p.micro_batch == 2 and p.report["worst_micro_batch_tokens"] == 2048
+
+
+@pytest.fixture(scope="module")
+def meta_13b():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_13b().config)
+
+
+def test_the_loaded_size_and_the_copy_of_a_13b_match_what_the_gpu_measured(meta_13b):
+    """From the modules on the meta device, before any weights: llm-jp-3-13b loaded in 4-bit took 8.02-8.08 GiB
+    (r24a) and its dequantized copy 23.63 GiB (metrics.json `dequantized_copy_gib`)."""
+    from job import memplan
+
+    load, copy = memplan.load_bytes(meta_13b, settings("sft").quant)
+    assert 7.9 < load / GIB < 8.1 and 23.5 < copy / GIB < 23.7
+    full, none = memplan.load_bytes(meta_13b, settings("sft", JOB_QUANT__LOAD_IN="none").quant)
+    assert 25 < full / GIB < 27 and none == 0  # bf16: no 4-bit weights to copy
+
+
+def test_check_refuses_a_model_that_cannot_fit_before_downloading_it(meta_13b, monkeypatch):
+    """--check and the preflight: on a GPU with too little free memory for the weights and the smallest plan, exit 5
+    naming JOB_BASE_MODEL and the sizes; with room, the plan `auto` is expected to choose. Without a GPU: nothing."""
+    import torch
+
+    from job import memplan
+    from job.errors import OutOfMemory
+
+    s = settings("sft")
+    assert memplan.preview(s, meta_13b, None, "cpu", padding_free=True) == {"auto": False, "why": "no GPU"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(memplan, "_liger_installed", lambda: True)  # as in the image (not on this CPU machine)
+    free = {"gib": 6.0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (int(free["gib"] * GIB), 80 * GIB))
+    with pytest.raises(OutOfMemory) as e:
+        memplan.preview(s, meta_13b, None, "cuda:0", padding_free=True)
+    assert e.value.exit_code == 5 and "JOB_BASE_MODEL: this GPU has 6.0 GiB free" in str(e.value)
+    assert "~8.0 GiB loaded (4bit)" in str(e.value) and "JOB_TRAIN__MAX_LENGTH" in str(e.value)
+    free["gib"] = 23.0  # an L4 or A10G: the model fits, training with checkpointing
+    p = memplan.preview(s, meta_13b, None, "cuda:0", padding_free=True)
+    assert p["predicted"] and 7.9 < p["model_gib"] < 8.1 and p["chosen"]["checkpointing"]
+    free["gib"] = 78.7  # an 80 GiB card: as measured (r24a), the copy and 4 rows without checkpointing
+    p = memplan.preview(s, meta_13b, None, "cuda:0", padding_free=True)
+    assert p["chosen"]["dequantized"] and not p["chosen"]["checkpointing"] and p["chosen"]["micro_batch"] == 4
