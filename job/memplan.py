@@ -127,7 +127,8 @@ def workload(s, train_rows: list[dict] | None, world_size: int = 1, *, padding_f
     else:
         real = padded = [len(r["input_ids"]) for r in train_rows]
     step = rows * accumulation * max(1, world_size)
-    epochs = _epochs(s, len(train_rows), step)
+    # Every epoch the run draws (up to 8), within about two million examples replayed in all (a few seconds).
+    epochs = max(1, min(_epochs(s, len(train_rows), step), 2_000_000 // (len(train_rows) * len(sizes))))
     worst, mean = {}, {}
     for n in sizes:
         biggest, total, count = 0, 0, 0
