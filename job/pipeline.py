@@ -141,9 +141,9 @@ def _train(s: JobSettings, plan: preflight.Plan, base_dir: Path, stop: StopSigna
     last checkpoint without that choice, the one that frees most first: the micro-batch as set
     (JOB_TRAIN__MERGE_MICRO_BATCHES), then without the dequantized copy of the base (JOB_QUANT__KEEP_DEQUANTIZED), then
     with gradient checkpointing on (JOB_TRAIN__GRADIENT_CHECKPOINTING), then with the checkpointed layers' inputs in CPU
-    memory (JOB_TRAIN__OFFLOAD_CHECKPOINTS); the plan is made again around each choice given back. With several processes the one that ran out can't start again alone (the
-    others wait in the step's collectives): it records the choice in the run's storage and exits 75, and the retried
-    pod group starts with it."""
+    memory (JOB_TRAIN__OFFLOAD_CHECKPOINTS); the plan is made again around each choice given back. With several
+    processes the one that ran out can't start again alone (the others wait in the step's collectives): it records the
+    choice in the run's storage and exits 75, and the retried pod group starts with it."""
     import torch
 
     forced: dict = {"checkpointing": None, "keep_dequantized": None, "micro_batch_rows": None, "offload": None,
@@ -208,11 +208,15 @@ def _recorded_choices(s: JobSettings, plan: preflight.Plan) -> dict:
 
 
 def _oom_message(s: JobSettings, used: dict) -> str:
+    import torch
+
     t = s.train
     return (f"out of GPU memory with gradient checkpointing {'on' if used.get('checkpointing') else 'off'}: lower "
             f"JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE (now {t.per_device_train_batch_size}; raise "
             f"JOB_TRAIN__GRADIENT_ACCUMULATION_STEPS to keep the step size) or JOB_TRAIN__MAX_LENGTH (now {t.max_length})"
             + ("" if used.get("checkpointing") else ", or set JOB_TRAIN__GRADIENT_CHECKPOINTING=true")
+            + (", or set JOB_TRAIN__OFFLOAD_CHECKPOINTS=true" if used.get("checkpointing") and not used.get("offload")
+               and torch.cuda.is_available() else "")
             + (", or set JOB_QUANT__KEEP_DEQUANTIZED=false" if used.get("dequantized") else "")
             + (f", or set JOB_TRAIN__MERGE_MICRO_BATCHES=false (micro-batches of {used['micro_batch']} rows were used)"
                if used.get("micro_batch", t.per_device_train_batch_size) > t.per_device_train_batch_size else ""))
