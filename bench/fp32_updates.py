@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         if name == "job_fp32":
             trainer = dpo.build_trainer(s, model, tok, rows, None, work / name, [], progress_bar=False)
         else:
-            args = training_args(s, work / name, has_eval=False, progress_bar=False, model=model, sequences_per_example=2)
+            args = training_args(s, work / name, has_eval=False, progress_bar=False, model=model)
 
             class Plain(DPOTrainer):  # TRL as shipped, given the job's tokenized rows
                 def _prepare_dataset(self, dataset, *args_, **kw):

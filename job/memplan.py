@@ -172,12 +172,6 @@ def per_layer_bytes(config, liger: bool, row_tokens: int = 0) -> int | None:
     return int(2 * (a * h + b * i)) + attention
 
 
-def activation_bytes_per_token(config, liger: bool) -> int | None:
-    """Activations one token keeps for the backward without checkpointing, the whole decoder stack."""
-    per_layer = per_layer_bytes(config, liger)
-    return None if per_layer is None else per_layer * config.num_hidden_layers
-
-
 def estimate(config, tokens: int, mode: str, liger: bool, *, stage: str = "sft", copy: int = 0,
              trainable: int = 0, row_tokens: int = 0) -> int | None:
     """Peak GPU bytes above the loaded model for a micro-batch of `tokens` tokens: `mode` keep (no checkpointing),
@@ -202,6 +196,25 @@ def speed(stage: str, mean_tokens: float, mode: str, copy: bool) -> float:
     """Relative throughput of a plan (only the order matters)."""
     t0 = OVERHEAD_TOKENS[(stage, mode != "keep")]
     return MODE_SPEED[mode] * (COPY_SPEED if copy else 1.0) * mean_tokens / (mean_tokens + t0)
+
+
+def liger_on(s) -> bool:
+    """Liger's kernels in use: set, installed, and a GPU to run them (the trainer's arguments say the same)."""
+    import importlib.util
+
+    return bool(s.train.use_liger_kernel and torch.cuda.is_available() and importlib.util.find_spec("liger_kernel"))
+
+
+def adapter_parameters(s, model) -> int:
+    """The adapter's trainable parameters (fp32 weight, gradient, two Adam moments on the GPU): counted on a
+    continued adapter, estimated from the LoRA rank for a new one (r x (in + out) per targeted linear layer)."""
+    if hasattr(model, "peft_config"):
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    config = getattr(model, "config", None)
+    h, i, n = (getattr(config, k, 0) or 0 for k in ("hidden_size", "intermediate_size", "num_hidden_layers"))
+    if not (isinstance(h, int) and isinstance(i, int) and isinstance(n, int)):
+        return 0
+    return int(s.lora.r) * n * (4 * 2 * h + 3 * (h + i))  # q, k, v, o and gate, up, down (an upper bound with GQA)
 
 
 def usable(free: int) -> int:
@@ -354,11 +367,8 @@ def preview(s, meta, train_rows: list[dict] | None, device, *, padding_free: boo
     load, copy = load_bytes(meta, s.quant)
     free = torch.cuda.mem_get_info(torch.device(device))[0]
     work = workload(s, train_rows, world_size, padding_free=padding_free)
-    liger = bool(s.train.use_liger_kernel) and _liger_installed()
-    from job.stages.common import _new_adapter_parameters  # noqa: PLC0415 - the stage's own count
-
-    trainable = _new_adapter_parameters(s, meta)
-    plan = choose(s, meta, work, liger=liger, cuda=True, free=max(0, free - load), copy_bytes=copy, trainable=trainable)
+    plan = choose(s, meta, work, liger=liger_on(s), cuda=True, free=max(0, free - load), copy_bytes=copy,
+                  trainable=adapter_parameters(s, meta))
     report = dict(plan.report or {})
     report.update(model_gib=round(load / GIB, 2), free_before_loading_gib=round(free / GIB, 2), predicted=True)
     smallest = report.get("chosen", {}).get("estimated_gib")
@@ -372,9 +382,3 @@ def preview(s, meta, train_rows: list[dict] | None, device, *, padding_free: boo
     log.info("memory plan expected on this GPU (%.1f GiB free, the model ~%.1f GiB): %s", free / GIB, load / GIB,
              report.get("chosen"))
     return report
-
-
-def _liger_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("liger_kernel") is not None

@@ -244,7 +244,7 @@ def test_check_refuses_a_model_that_cannot_fit_before_downloading_it(meta_13b, m
     s = settings("sft")
     assert memplan.preview(s, meta_13b, None, "cpu", padding_free=True) == {"auto": False, "why": "no GPU"}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(memplan, "_liger_installed", lambda: True)  # as in the image (not on this CPU machine)
+    monkeypatch.setattr(memplan, "liger_on", lambda s: True)  # as in the image (not on this CPU machine)
     free = {"gib": 6.0}
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (int(free["gib"] * GIB), 80 * GIB))
     with pytest.raises(OutOfMemory) as e:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,9 +207,9 @@ def memory_plan(s: JobSettings, model, train_rows: list[dict] | None = None, *, 
     work = memplan.workload(s, train_rows, _world_size(), padding_free=_padding_free(s, model))
     free = torch.cuda.mem_get_info(next(model.parameters()).device)[0] if cuda else None
     copy = dequantized_bytes(model) if cuda and s.quant.load_in == "4bit" else 0
-    trainable = _new_adapter_parameters(s, model) if cuda else 0
-    plan = memplan.choose(s, model, work, liger=liger_on(s), cuda=cuda, free=free, copy_bytes=copy, trainable=trainable,
-                          checkpointing=checkpointing, keep_dequantized=keep_dequantized,
+    trainable = memplan.adapter_parameters(s, model) if cuda else 0
+    plan = memplan.choose(s, model, work, liger=memplan.liger_on(s), cuda=cuda, free=free, copy_bytes=copy,
+                          trainable=trainable, checkpointing=checkpointing, keep_dequantized=keep_dequantized,
                           micro_batch_rows=micro_batch_rows, offload=offload)
     if plan.report is not None and cuda:
         plan.report["allocated_before_gib"] = round(torch.cuda.memory_allocated() / 2**30, 3)
@@ -218,6 +217,7 @@ def memory_plan(s: JobSettings, model, train_rows: list[dict] | None = None, *, 
 
 
 def _world_size() -> int:
+    """Processes in this run's process group (accelerate's state would set a device up: the planner only counts)."""
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -233,22 +233,6 @@ def _padding_free(s: JobSettings, model) -> bool:
         return False
 
 
-def _new_adapter_parameters(s: JobSettings, model) -> int:
-    """The adapter's trainable parameters (fp32 weight, gradient, two Adam moments on the GPU): counted on a
-    continued adapter, estimated from the LoRA rank for a new one (r x (in + out) per targeted linear layer)."""
-    if hasattr(model, "peft_config"):
-        return sum(p.numel() for p in model.parameters() if p.requires_grad)
-    config = getattr(model, "config", None)
-    h, i, n = (getattr(config, k, 0) or 0 for k in ("hidden_size", "intermediate_size", "num_hidden_layers"))
-    if not (isinstance(h, int) and isinstance(i, int) and isinstance(n, int)):
-        return 0
-    return int(s.lora.r) * n * (4 * 2 * h + 3 * (h + i))  # q, k, v, o and gate, up, down (an upper bound with GQA)
-
-
-def liger_on(s: JobSettings) -> bool:
-    return bool(s.train.use_liger_kernel and torch.cuda.is_available() and importlib.util.find_spec("liger_kernel"))
-
-
 def training_args(s: JobSettings, checkpoint_dir: Path, *, has_eval: bool, progress_bar: bool, model=None,
                   checkpointing: bool | None = None, memory: memplan.MemoryPlan | None = None):
     """The stage's TRL config for this machine (job/trainargs.py maps the settings); `memory`: memory_plan's choices."""
@@ -258,6 +242,6 @@ def training_args(s: JobSettings, checkpoint_dir: Path, *, has_eval: bool, progr
     if memory is None:
         memory = memory_plan(s, model, checkpointing=checkpointing)
     rt = trainargs.Runtime(output_dir=str(checkpoint_dir), cuda=cuda, has_eval=has_eval, progress_bar=progress_bar,
-                           checkpointing=memory.checkpointing, liger=liger_on(s),
+                           checkpointing=memory.checkpointing, liger=memplan.liger_on(s),
                            bf16=cuda and torch.cuda.is_bf16_supported(), micro_batch=memory.micro_batch)
     return trainargs.build(s, rt)
