@@ -126,8 +126,7 @@ VARIANTS.update({f"p_{mode}{'_copy' if copy else ''}_{rows}": pinned(rows, mode,
 HEADLINE_ROWS = {"job": ("job", "default"), "job_lowmem": ("job", "lowmem8_offload"), "seed": ("seed", "seed"),
                  "trl_best": ("trl", "trl_best"), "unsloth": ("unsloth", "unsloth"), "unsloth_lowmem": ("unsloth", "unsloth_lowmem")}
 #: Rows the bench has no runner for, and why (instead of "not measured").
-NOT_BUILT = {("dpo", "unsloth"): "no Unsloth DPO peer: bench/unsloth_peer.py runs Unsloth's SFT only",
-             ("dpo", "unsloth_lowmem"): "no Unsloth DPO peer: bench/unsloth_peer.py runs Unsloth's SFT only"}
+NOT_BUILT: dict = {}
 
 
 def log(msg: str) -> None:
@@ -438,19 +437,21 @@ def run_trl(stage: str, ctx: dict, name: str, steps: int) -> dict:
     return add_rates(r, ctx["env"], ctx["n"], gc=r["gradient_checkpointing"], dpo=stage == "dpo")
 
 
-def run_unsloth(ctx: dict, names: list[str], steps: int, timeout: float | None = None) -> list[dict]:
-    """Unsloth's SFT runs (bench/unsloth_peer.py) in a process and an environment of their own: BENCH_UNSLOTH_PYTHONPATH
-    is its PYTHONPATH, replacing ours (Unsloth pins older transformers and TRL than the job's)."""
+def run_unsloth(ctx: dict, names: list[str], steps: int, timeout: float | None = None, stage: str = "sft") -> list[dict]:
+    """Unsloth's SFT or DPO runs (bench/unsloth_peer.py) in a process and an environment of their own:
+    BENCH_UNSLOTH_PYTHONPATH is its PYTHONPATH, replacing ours (Unsloth pins older transformers and TRL than the job's)."""
     path = os.environ.get("BENCH_UNSLOTH_PYTHONPATH")
     if not path:
-        return [{"name": n, "who": "unsloth", "stage": "sft", "skipped": "Unsloth's environment not given (BENCH_UNSLOTH_PYTHONPATH)"}
+        return [{"name": n, "who": "unsloth", "stage": stage, "skipped": "Unsloth's environment not given (BENCH_UNSLOTH_PYTHONPATH)"}
                 for n in names]
-    out = ctx["work"] / "unsloth-peer.json"
+    out = ctx["work"] / f"unsloth-peer-{stage}.json"
     out.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONPATH": path}
-    cmd = [sys.executable, str(ROOT / "bench" / "unsloth_peer.py"), "--model", str(ctx["model"]), "--data", str(ctx["sft_data"]),
-           "--out", str(out), "--runs", ",".join(names), "--steps", str(steps), "--warmup", str(ctx["warmup"]),
-           "--layout", ctx["unsloth_layout"]]
+    data = ctx["sft_data"] if stage == "sft" else ctx["dpo_jsonl"]
+    cmd = [sys.executable, str(ROOT / "bench" / "unsloth_peer.py"), "--stage", stage, "--model", str(ctx["model"]),
+           "--data", str(data), "--out", str(out), "--runs", ",".join(names), "--steps", str(steps), "--warmup", str(ctx["warmup"])]
+    if stage == "sft":  # DPO: the peer's default, the job's and stock TRL's layout
+        cmd += ["--layout", ctx["unsloth_layout"]]
     log(" ".join(cmd))
     t0 = time.perf_counter()
     note = None
@@ -462,11 +463,11 @@ def run_unsloth(ctx: dict, names: list[str], steps: int, timeout: float | None =
         note = f"unsloth_peer.py stopped after {timeout:.0f} s (the bench's deadline)"
     runs = json.loads(out.read_text()) if out.exists() else []
     done = {r["name"] for r in runs}
-    runs += [{"name": n, "who": "unsloth", "stage": "sft", "skipped": note or "no result"} for n in names if n not in done]
+    runs += [{"name": n, "who": "unsloth", "stage": stage, "skipped": note or "no result"} for n in names if n not in done]
     for r in runs:
         r["process_wall_s"] = round(time.perf_counter() - t0, 2)
         if not r.get("error") and not r.get("skipped"):
-            add_rates(r, ctx["env"], ctx["n"], gc=r["gradient_checkpointing"], dpo=False)
+            add_rates(r, ctx["env"], ctx["n"], gc=r["gradient_checkpointing"], dpo=stage == "dpo")
     return runs
 
 
@@ -584,6 +585,8 @@ def prepare(shape: str, work: Path, env: dict, n_sft: int = 1729, n_dpo: int = 9
     dpo_records = synth.dpo_records(n_dpo, vocab=vocab)
     sft_data = synth.write_sft(work / "data" / "sft.jsonl", sft_records)
     dpo_data = synth.write_dpo(work / "data" / "preferences.csv", dpo_records)
+    dpo_jsonl = work / "data" / "dpo.jsonl"  # the same pairs for the Unsloth peer, which reads JSON lines
+    dpo_jsonl.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in dpo_records), encoding="utf-8")
     tok, _ = load_tokenizer(model_dir, None, "auto")
     chat = lambda p, a: len(tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": a}], tokenize=True, return_dict=False))  # noqa: E731
     data_stats = {
@@ -592,7 +595,7 @@ def prepare(shape: str, work: Path, env: dict, n_sft: int = 1729, n_dpo: int = 9
     }
     log(f"data: {json.dumps(data_stats)}")
     return {"shape": shape, "work": work, "model": model_dir, "env": env, "n": synth.matmul_params(shape, vocab),
-            "sft_records": sft_records, "dpo_records": dpo_records, "sft_data": sft_data, "dpo_data": dpo_data,
+            "sft_records": sft_records, "dpo_records": dpo_records, "sft_data": sft_data, "dpo_data": dpo_data, "dpo_jsonl": dpo_jsonl,
             "data_stats": data_stats, "model_build_s": build_s, "model_built": built}
 
 
@@ -610,7 +613,7 @@ def summary_line(r: dict) -> str:
 
 def parse_plan(text: str) -> list[tuple[str, str, list[str], int | None]]:
     """`STAGE:WHO:NAME[+NAME...][@STEPS]` items, comma-separated, run in this order; `e2e` alone for the end-to-end
-    run. WHO: seed, job (NAME a VARIANTS key), trl (a TRL_PEERS key), unsloth (SFT; its runs share one process)."""
+    run. WHO: seed, job (NAME a VARIANTS key), trl (a TRL_PEERS key), unsloth (its runs in one item share one process)."""
     plan = []
     for item in filter(None, (x.strip() for x in text.split(","))):
         if item in E2E_RUNS:
@@ -620,7 +623,7 @@ def parse_plan(text: str) -> list[tuple[str, str, list[str], int | None]]:
         stage, who, names = spec.split(":")
         names = names.split("+")
         known = {"seed": {"seed", "seed_nogc"}, "job": set(VARIANTS), "trl": set(TRL_PEERS), "unsloth": {"unsloth", "unsloth_lowmem"}}
-        if stage not in ("sft", "dpo") or who not in known or not set(names) <= known[who] or (who == "unsloth" and stage != "sft"):
+        if stage not in ("sft", "dpo") or who not in known or not set(names) <= known[who]:
             raise SystemExit(f"--plan: can't run {item!r} (STAGE sft|dpo, WHO seed|job|trl|unsloth, NAME one of {sorted(known.get(who, []))})")
         plan.append((stage, who, names, int(steps) if steps else None))
     return plan
@@ -713,7 +716,7 @@ def cmd_run(a, argv: list[str]) -> int:
         if who == "unsloth":
             log(f"--- unsloth {'+'.join(names)}")
             # Its process may run a minute past the deadline (a run started before it is allowed to finish).
-            res["runs"] += run_unsloth(ctx, names, steps, timeout=None if left() is None else left() + 60)
+            res["runs"] += run_unsloth(ctx, names, steps, timeout=None if left() is None else left() + 60, stage=stage)
             save()
             for r in res["runs"][-len(names):]:
                 log(summary_line(r))
@@ -894,8 +897,8 @@ def goals(h: dict, shape: str) -> dict:
 
 def card(files: list[Path]) -> dict:
     """One entry of headline.json's `cards`: a card (or a smaller one simulated on it, BUDGETS in bench/device/run.sh)
-    measured in one call: the job's `default` (`auto`) against every other job variant measured beside it, per stage;
-    peers where the call ran them."""
+    measured in one call: the job's `default` (`auto`) against every other job variant measured beside it, per stage
+    (`auto_vs_best`), and against each peer the call ran (`auto_vs_peers`, named WHO_NAME)."""
     results = [(f, json.loads(f.read_text())) for f in files]
     env = results[0][1]["environment"]
     entry: dict = {"device": env.get("device"), "memory_free_gib": env.get("memory_free_gib"), "date": env.get("date"),
@@ -922,6 +925,10 @@ def card(files: list[Path]) -> dict:
             block["job_best"] = {"name": best, key: job[best][key]}
             if job.get("default"):
                 block["auto_vs_best"] = round(job["default"][key] / job[best][key], 3)
+        peers = {f"{r['who']}_{r['name']}": r for r in runs if r.get("stage") == stage and r.get("who") != "job"}
+        peers = {k: block[k][key] for k in peers if block[k].get(key)}
+        if (block.get("default") or {}).get(key) and peers:  # `auto` against each peer measured in this call
+            block["auto_vs_peers"] = {k: round(block["default"][key] / v, 3) for k, v in peers.items()}
         entry[f"{stage}_{shape}"] = block
     e2e = next((r for r in runs if r.get("name") == "e2e" and r.get("ok")), None)
     entry["e2e_seconds"] = e2e["wall_s"] if e2e else None

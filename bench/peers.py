@@ -45,6 +45,13 @@ def sft_rows(records: list[dict], tok) -> dict:
             "completion": [COMPLETION.format(answer=r["output"], eos=eos) for r in records]}
 
 
+def dpo_rows(records: list[dict], tok) -> dict:
+    """The preference records ({"prompt", "chosen", "rejected"}) as strings in the job's format."""
+    return {"prompt": [PROMPT.format(bos=tok.bos_token or "", prompt=r["prompt"]) for r in records],
+            "chosen": [COMPLETION.format(answer=r["chosen"], eos=tok.eos_token) for r in records],
+            "rejected": [COMPLETION.format(answer=r["rejected"], eos=tok.eos_token) for r in records]}
+
+
 def _lora():
     from peft import LoraConfig
 
@@ -81,9 +88,6 @@ def trl_dpo_trainer(model_dir: str, records: list[dict], out_dir: str, *, max_st
 
     model, tok = load_4bit(model_dir)
     max_length, batch, accumulation = layout
-    rows = {"prompt": [PROMPT.format(bos=tok.bos_token or "", prompt=r["prompt"]) for r in records],
-            "chosen": [COMPLETION.format(answer=r["chosen"], eos=tok.eos_token) for r in records],
-            "rejected": [COMPLETION.format(answer=r["rejected"], eos=tok.eos_token) for r in records]}
     args = DPOConfig(**_common(out_dir, max_steps, checkpointing, batch, accumulation), max_length=max_length, beta=0.1)
-    return DPOTrainer(model=model, args=args, train_dataset=Dataset.from_dict(rows), processing_class=tok, peft_config=_lora(),
+    return DPOTrainer(model=model, args=args, train_dataset=Dataset.from_dict(dpo_rows(records, tok)), processing_class=tok, peft_config=_lora(),
                       callbacks=list(callbacks))

@@ -1,4 +1,4 @@
-"""Unsloth as a peer: its QLoRA SFT on the benchmark's model and data, timed as bench.py times the job.
+"""Unsloth as a peer: its QLoRA SFT or DPO on the benchmark's model and data, timed as bench.py times the job.
 
 Unsloth pins its own transformers/TRL/datasets, so it runs in an environment of its own and in a process of its own
 (it patches transformers and TRL when imported); bench.py starts this script with BENCH_UNSLOTH_PYTHONPATH as the
@@ -6,12 +6,18 @@ PYTHONPATH (bench/device/README.md says how that environment is carried to the G
 
     python bench/unsloth_peer.py --model /tmp/qlora-bench/models/13b --data /tmp/qlora-bench/data/sft.jsonl \\
         --runs unsloth_lowmem,unsloth --steps 10 --out /tmp/unsloth.json
+    python bench/unsloth_peer.py --stage dpo --data /tmp/qlora-bench/data/dpo.jsonl --runs unsloth ...
 
 Runs: `unsloth` (checkpointing off) and `unsloth_lowmem` (its "unsloth" checkpointing, which offloads to the CPU),
 both with its fused LoRA kernels (LoRA dropout 0, which they require), r=16, alpha=16, the 7 projections, bf16, packing +
 padding-free, fused AdamW; the layout (max length, per-device batch, accumulation) defaults to the one its 6,296
 tokens/s were measured with on the H200 (one packed row of up to 8,192 tokens per step). Each run's results are
 written to --out as soon as it ends, so a timeout keeps the finished ones.
+
+DPO (--stage dpo): Unsloth's documented recipe, TRL's DPOTrainer as `import unsloth` patches it (PatchDPOTrainer is a
+no-op since its trainers are patched on import), ref_model=None (the adapter disabled is the reference, as in the job),
+beta 0.1, Unsloth's own defaults otherwise; the layout defaults to stock TRL's peer's and the job's (1,024 tokens, 4
+pairs per micro-batch, 4 micro-batches per step). --data: JSON lines of prompt/chosen/rejected.
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default="unsloth_lowmem,unsloth")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--layout", default="8192,1,1", help="max_length,per_device_batch,accumulation")
+    p.add_argument("--stage", choices=("sft", "dpo"), default="sft")
+    p.add_argument("--layout", help="max_length,per_device_batch,accumulation (default: 8192,1,1 for SFT, 1024,4,4 for DPO)")
     a = p.parse_args(argv)
 
     t_import = time.perf_counter()
@@ -51,24 +58,24 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     import trl
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench  # StepTimer, trainer_metrics: timed exactly as the job's runs
-    from peers import sft_rows
+    from peers import dpo_rows, sft_rows
 
     versions = {"unsloth": unsloth.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
                 "trl": trl.__version__, "import_s": round(time.perf_counter() - t_import, 1)}
     print("unsloth peer:", json.dumps(versions), flush=True)
     cuda = torch.cuda.is_available()  # False only in the CPU test of this script, with a stand-in for unsloth
     records = [json.loads(line) for line in Path(a.data).read_text(encoding="utf-8").splitlines() if line.strip()]
-    max_length, batch, accumulation = (int(x) for x in a.layout.split(","))
+    max_length, batch, accumulation = (int(x) for x in (a.layout or ("8192,1,1" if a.stage == "sft" else "1024,4,4")).split(","))
     results: list[dict] = []
     out = Path(a.out)
 
     for name in a.runs.split(","):
         gc_mode = CHECKPOINTING[name]
-        r: dict = {"name": name, "who": "unsloth", "stage": "sft", "max_steps": a.steps, "versions": versions,
+        r: dict = {"name": name, "who": "unsloth", "stage": a.stage, "max_steps": a.steps, "versions": versions,
                    "layout": {"max_length": max_length, "per_device_train_batch_size": batch, "gradient_accumulation_steps": accumulation},
                    "gradient_checkpointing": bool(gc_mode), "checkpointing_mode": gc_mode or "off", "lora_dropout": 0.0}
         model = trainer = None
@@ -90,16 +97,29 @@ def main(argv: list[str] | None = None) -> int:
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token
             timer = bench.StepTimer()
-            args = SFTConfig(output_dir=f"/tmp/unsloth-peer-{name}", max_steps=a.steps, logging_steps=1, report_to="none",
-                             save_strategy="no", dataset_num_proc=1, per_device_train_batch_size=batch,
-                             gradient_accumulation_steps=accumulation, optim="adamw_torch_fused" if cuda else "adamw_torch",
-                             max_length=max_length, packing=True, padding_free=True, bf16=cuda, learning_rate=2e-4, seed=42,
-                             include_num_input_tokens_seen="non_padding")
-            trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict(sft_rows(records, tok)),
-                                 processing_class=tok, callbacks=[timer])
+            common = dict(output_dir=f"/tmp/unsloth-peer-{a.stage}-{name}", max_steps=a.steps, logging_steps=1, report_to="none",
+                          save_strategy="no", dataset_num_proc=1, per_device_train_batch_size=batch,
+                          gradient_accumulation_steps=accumulation, optim="adamw_torch_fused" if cuda else "adamw_torch",
+                          max_length=max_length, bf16=cuda, learning_rate=2e-4, seed=42)
+            if a.stage == "sft":
+                args = SFTConfig(**common, packing=True, padding_free=True,
+                                 include_num_input_tokens_seen="non_padding")
+                trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict(sft_rows(records, tok)),
+                                     processing_class=tok, callbacks=[timer])
+            else:
+                args = DPOConfig(**common, beta=0.1)
+                trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=Dataset.from_dict(dpo_rows(records, tok)),
+                                     processing_class=tok, callbacks=[timer])
             result = trainer.train()
             r.update(bench.trainer_metrics(trainer, result))
             r.update(timer.steady(a.warmup))
+            if a.stage == "dpo":  # as bench.py's stock-TRL DPO peer counts pairs
+                per_step = batch * accumulation
+                r["pairs"] = min(r["steps"] * per_step, len(records))
+                r["pairs_per_second"] = round(r["pairs"] / result.metrics["train_runtime"], 4)
+                if r.get("seconds_per_step"):
+                    r["steady_pairs_per_second"] = round(per_step / r["seconds_per_step"], 4)
+                r["padding_free"] = bool(getattr(trainer.args, "padding_free", False))
             r["wall_s"] = round(time.perf_counter() - t0, 2)
         except Exception as exc:  # report and go on to the next run
             traceback.print_exc()
@@ -110,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         del model, trainer
         results.append(r)
         out.write_text(json.dumps(results, indent=1, default=str) + "\n")
-        print("RESULT", json.dumps({k: r.get(k) for k in ("name", "tokens_per_second", "steady_tokens_per_second",
-                                                           "peak_gpu_memory_gib", "error")}), flush=True)
+        print("RESULT", json.dumps({k: r.get(k) for k in ("name", "stage", "tokens_per_second", "steady_tokens_per_second",
+                                                           "steady_pairs_per_second", "peak_gpu_memory_gib", "error")}), flush=True)
     return 0
 
 

@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import bench as bench_module  # noqa: E402
 
 PLAN = ("sft:seed:seed@1,sft:job:default@2,sft:job:sdpa@2,sft:trl:trl_best@2,sft:unsloth:unsloth_lowmem+unsloth@2,"
-        "dpo:seed:seed@1,dpo:job:default@2")
+        "dpo:seed:seed@1,dpo:job:default@2,dpo:unsloth:unsloth@2")
 ARGS = ["--shape", "tiny", "--sft-examples", "8", "--dpo-pairs", "4", "--warmup-steps", "1", "--tag", "t"]
 
 
@@ -39,7 +39,8 @@ def test_bench_runs_seed_job_and_peers_and_reports_them(tmp_path):
     assert not [x for x in runs if x.get("error") or x.get("skipped")], [x.get("error") or x.get("skipped") for x in runs]
     assert [(x["who"], x["stage"], x["name"]) for x in runs] == [  # in the plan's order
         ("seed", "sft", "seed"), ("job", "sft", "default"), ("job", "sft", "sdpa"), ("trl", "sft", "trl_best"),
-        ("unsloth", "sft", "unsloth_lowmem"), ("unsloth", "sft", "unsloth"), ("seed", "dpo", "seed"), ("job", "dpo", "default")]
+        ("unsloth", "sft", "unsloth_lowmem"), ("unsloth", "sft", "unsloth"), ("seed", "dpo", "seed"), ("job", "dpo", "default"),
+        ("unsloth", "dpo", "unsloth")]
     by = {(x["who"], x["stage"], x["name"]): x for x in runs}
     for x in runs:
         assert x["tokens_per_second"] > 0, x
@@ -52,6 +53,7 @@ def test_bench_runs_seed_job_and_peers_and_reports_them(tmp_path):
     assert by[("trl", "sft", "trl_best")]["gradient_checkpointing"] is False
     assert by[("unsloth", "sft", "unsloth_lowmem")]["gradient_checkpointing"] is True
     assert by[("unsloth", "sft", "unsloth")]["gradient_checkpointing"] is False
+    assert by[("unsloth", "dpo", "unsloth")]["pairs"] == 4 and by[("unsloth", "dpo", "unsloth")]["layout"]["max_length"] == 1024
     # Same data: every SFT run of two full passes over the 8 examples trained on the same tokens as the job
     assert {x["tokens"] for x in runs if x["stage"] == "sft" and x["who"] != "seed"} == {by[("job", "sft", "default")]["tokens"]}
     assert {"sft:default/seed:tokens_per_second", "dpo:default/seed:pairs_per_second"} <= set(res["ratios"])
@@ -72,6 +74,7 @@ def test_bench_runs_seed_job_and_peers_and_reports_them(tmp_path):
     assert sft["job"]["tokens_per_s"] == by[("job", "sft", "default")]["tokens_per_second"]
     assert sft["unsloth"]["steady_tokens_per_s"] == by[("unsloth", "sft", "unsloth")]["steady_tokens_per_second"]
     assert dpo["job"]["pairs_per_s"] == by[("job", "dpo", "default")]["pairs_per_second"] and "pairs_per_s" not in sft["job"]
+    assert dpo["unsloth"]["steady_pairs_per_s"] == by[("unsloth", "dpo", "unsloth")]["steady_pairs_per_second"]
     assert "not measured" in sft["job_lowmem"]["skipped"] and "not measured" in dpo["trl_best"]["skipped"]
     assert h["e2e_seconds"] is None and h["goals"]["seed workload end to end, s"]["met"] is None
     assert h["goals"]["sft steady vs trl_best"]["measured"] == round(
@@ -122,7 +125,7 @@ def test_headline_keeps_a_measurement_over_a_later_skip(tmp_path):
     h = bench_module.headline([first, second])
     assert h["dpo_13b"]["job"]["steady_pairs_per_s"] == 4.5 and h["dpo_13b"]["job"]["source"] == "bench-13b-run1.json"
     assert h["goals"]["dpo steady pairs/s"] == {"target": ">= 6", "measured": 4.5, "met": False}
-    assert "no Unsloth DPO peer" in h["dpo_13b"]["unsloth"]["skipped"]
+    assert "not measured" in h["dpo_13b"]["unsloth"]["skipped"]
 
 
 def test_a_card_entry_compares_auto_with_the_fastest_job_variant_measured_beside_it(tmp_path):
@@ -138,7 +141,8 @@ def test_a_card_entry_compares_auto_with_the_fastest_job_variant_measured_beside
                                                                   "date": "2026-12-07", "git_commit": "abc1234"},
                                 "runs": [run("default", "dpo", 8.5, metrics={"memory_plan": plan}), run("p_keep_4", "dpo", 6.9),
                                          run("p_keep_copy_8", "dpo", None, error="OutOfMemoryError: ..."),
-                                         run("default", "sft", 7000.0), run("p_keep_copy_4", "sft", 7700.0)]}))
+                                         run("default", "sft", 7000.0), run("p_keep_copy_4", "sft", 7700.0),
+                                         {**run("trl_best", "dpo", 4.25), "who": "trl"}]}))
     headline = tmp_path / "headline.json"
     headline.write_text(json.dumps({"device": "NVIDIA H200"}))
     assert bench_module.main(["card", str(path), "--headline", str(headline)]) == 0
@@ -149,6 +153,7 @@ def test_a_card_entry_compares_auto_with_the_fastest_job_variant_measured_beside
     assert c["dpo_13b"]["job_best"] == {"name": "default", "steady_pairs_per_s": 8.5} and c["dpo_13b"]["auto_vs_best"] == 1.0
     assert c["dpo_13b"]["default"]["plan"] == plan["chosen"] and c["dpo_13b"]["default"]["estimated_peak_gib"] == 68.4
     assert "skipped" in c["dpo_13b"]["p_keep_copy_8"]
+    assert c["dpo_13b"]["auto_vs_peers"] == {"trl_trl_best": 2.0} and "auto_vs_peers" not in c["sft_13b"]  # a peer is not job_best
     assert c["sft_13b"]["job_best"]["name"] == "p_keep_copy_4" and c["sft_13b"]["auto_vs_best"] == 0.909
     assert bench_module.main(["card", str(path), "--headline", str(headline)]) == 0  # the same call again: replaced
     assert len(json.loads(headline.read_text())["cards"]) == 1
