@@ -552,6 +552,7 @@ def run_e2e(ctx: dict, name: str = "e2e") -> dict:
             break
         m = json.loads((runs / s["run_id"] / "metrics.json").read_text())
         s["metrics"] = m
+        s["phases_s"] = json.loads((runs / s["run_id"] / "run.json").read_text()).get("phases_s")  # job/phases.py
         s["files"] = sorted(x.name for x in (runs / s["run_id"]).iterdir())
         # The job's count (TRL's) against ours, for one epoch of the training split
         mine = count_tokens(ctx, stage, int(env.get("JOB_TRAIN__MAX_LENGTH", 1024)), float(env.get("JOB_EVAL_FRACTION", 0)))

@@ -16,7 +16,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from job import divergence, preflight, runlock, storage
+from job import divergence, phases, preflight, runlock, storage
 from job.checkpoints import CheckpointCallback, StopSignal, pull_latest
 from job.distributed import first_process_per_node as _first_process_per_node
 from job.distributed import same_on_every_process as _same_on_every_process
@@ -44,6 +44,7 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
 
         return merge.run(s)
     stop = stop or StopSignal()
+    phases.begin()
     state = _distributed_state()
     run_id = _same_on_every_process(s.resolved_run_id())
     # 0. One run per run id: a second start while this one is alive exits 2 (job/runlock.py). Taken before the
@@ -56,6 +57,7 @@ def _run(s: JobSettings, run_id: str, state, lock, stop: StopSignal, progress_ba
     """The run, holding its lock."""
     import torch
 
+    phases.mark("imports")
     from job import evaluate, outputs
 
     started = datetime.now(timezone.utc)
@@ -66,6 +68,7 @@ def _run(s: JobSettings, run_id: str, state, lock, stop: StopSignal, progress_ba
     #    EOS and length policy. Data and small files come once per node (the node's first process fetches them).
     with _first_process_per_node():
         plan = preflight.prepare(s, run_id, main=state.is_main_process, world_size=state.num_processes)
+    phases.mark("preflight")
     remote = plan.remote
     if plan.state == "succeeded":
         log.info("run %s already succeeded at %s; nothing to do", run_id, remote)
@@ -85,6 +88,7 @@ def _run(s: JobSettings, run_id: str, state, lock, stop: StopSignal, progress_ba
     # 3. The weights (safetensors only), at the revision identified in 1.
     with _first_process_per_node():
         base_dir = preflight.pull_weights(s, plan.models)
+    phases.mark("weights")
 
     # 4. Train: TRL owns the loop; a retried pod continues from the last uploaded checkpoint of this run.
     trainer, result, resume_from, before = _train(s, plan, base_dir, stop, progress_bar)
@@ -97,6 +101,7 @@ def _run(s: JobSettings, run_id: str, state, lock, stop: StopSignal, progress_ba
         return str(remote)
     divergence.check_weights(trainer.model, trainer.state.global_step, s.train.learning_rate)  # never publish NaN weights
     after = evaluate.generate_after(trainer, plan.tokenizer, plan.prompts, s)  # the trained adapter's answers
+    phases.mark("after")
     outputs.write_adapter(out / "adapter", trainer.model, plan.tokenizer, plan.prompt_format,
                           base=s.base_model, data=s.data, run_id=run_id, stage=s.stage, output=s.output)
     outputs.write_history(out / "metrics.jsonl", trainer.state.log_history)
@@ -107,6 +112,7 @@ def _run(s: JobSettings, run_id: str, state, lock, stop: StopSignal, progress_ba
     for warning in metrics["warnings"]:
         log.warning("%s", warning, extra={"fields": {"event": "training_warning"}})
     outputs.write_json(out / "metrics.json", metrics)
+    phases.mark("write")
     outputs.write_json(out / "run.json", {
         "run_id": run_id,
         "status": "succeeded",
@@ -123,11 +129,14 @@ def _run(s: JobSettings, run_id: str, state, lock, stop: StopSignal, progress_ba
         "versions": outputs.versions(),
         "device": str(next(trainer.model.parameters()).device),
         "world_size": trainer.args.world_size,
+        "phases_s": phases.seconds(),  # where the wall time went (job/phases.py); the upload is in the last log line
     })
     lock.check()  # still this run's: one whose heartbeat failed for JOB_LOCK_TTL may have been taken over
     outputs.publish(out, remote, tok)
     storage.delete(remote.join("checkpoints"), tok)  # the run is complete; its checkpoints are no longer needed
-    log.info("done: %s", remote, extra={"fields": {"event": "done", "output": str(remote), "metrics": metrics}})
+    phases.mark("publish")
+    log.info("done: %s", remote, extra={"fields": {"event": "done", "output": str(remote), "metrics": metrics,
+                                                   "phases_s": phases.seconds()}})
     print(evaluate.summary(out, str(remote), trainer.state.log_history), flush=True)
     outputs.clean_workdir(s, plan.workdir)  # all of it is uploaded (JOB_KEEP_WORKDIR=true keeps it)
     if torch.cuda.is_available():
@@ -236,11 +245,13 @@ def _train_once(s, plan, base_dir, stop, progress_bar, *, forced, used):
     log.info("base model loaded in %.1fs (%s)", time.monotonic() - t0, s.quant.load_in)
     if plan.adapter_dir:
         model = load_adapter(model, plan.adapter_dir)
+    phases.mark("load")
     stage = sft if s.stage == "sft" else dpo
     metrics_cb = outputs.MetricsCallback(emit=not progress_bar)
     # The checkpoint callback first: the metrics callback then sees its save decisions (a log row at every save).
     # The divergence check last: it checks the weights at the steps the others decided to log or save at.
-    callbacks = [CheckpointCallback(checkpoints, stop, tok), metrics_cb, DivergenceCallback(s.train.learning_rate)]
+    callbacks = [CheckpointCallback(checkpoints, stop, tok), metrics_cb, DivergenceCallback(s.train.learning_rate),
+                 phases.first_step_callback()]
     trainer = stage.build_trainer(s, model, plan.tokenizer, plan.train.rows, plan.eval.rows if plan.eval else None,
                                   plan.workdir / "checkpoints", callbacks, progress_bar=progress_bar,
                                   checkpointing=forced["checkpointing"], keep_dequantized=forced["keep_dequantized"],
@@ -255,13 +266,16 @@ def _train_once(s, plan, base_dir, stop, progress_bar, *, forced, used):
 
         trainer.remove_callback(PrinterCallback)  # our MetricsCallback prints the same as one JSON line
     outputs.keep_one_tensorboard_writer(trainer)
+    phases.mark("trainer")
     # The starting model's answers (base, or base + JOB_ADAPTER): before train(), which loads any resume checkpoint.
     before = evaluate.generate_before(trainer, plan.tokenizer, plan.prompts, s)
+    phases.mark("before")
     stop.training = True
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
         stop.training = False
+    phases.mark("train")
     stop.finished = True
     if stop.received:
         raise Preempted(f"{stop.received} received: checkpoint at step {trainer.state.global_step} uploaded to {checkpoints}",

@@ -77,6 +77,14 @@ def test_sft_then_dpo_on_s3_and_the_adapter_changes_the_model(bucket, tiny_model
     assert run["inputs"]["train"]["sha256"][f"s3://{s3.bucket}/data/sft/train.jsonl"]
     assert run["inputs"]["base_model"]["files"]["model.safetensors"]["etag"]
     assert run["versions"]["trl"] and run["prompt_format"] == "instruction"
+    # Where the wall time went (job/phases.py), from the interpreter's start: every phase of a run that downloaded,
+    # loaded, trained and wrote, in order, adding up to no more than the run's wall time plus its imports.
+    ph = run["phases_s"]
+    assert list(ph) == ["imports", "preflight", "weights", "load", "trainer", "before", "first_step", "train", "after", "write"]
+    assert all(v >= 0 for v in ph.values()) and ph["imports"] > 0.5 and ph["train"] > 0  # torch alone takes longer
+    assert sum(ph.values()) - ph["imports"] <= run["wall_time_s"] + 0.1
+    done = next(l for l in logs if l.get("event") == "done")
+    assert list(done["phases_s"]) == [*ph, "publish"] and done["phases_s"]["publish"] > 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) >= 6
 
     r = run_job(env_for(s3, tmp_path, JOB_STAGE="dpo", JOB_DATA=f"s3://{s3.bucket}/data/preferences.csv", JOB_RUN_ID="dpo-1",
