@@ -9,7 +9,8 @@
 #   BUDGETS  plans at several memory budgets in one call, `GIB=PLAN;GIB=PLAN...`: GIB is `full` (the whole card) or the
 #            GiB a process should find free, which a holder process makes true by keeping the rest of the card
 #            (torch.cuda.mem_get_info then reports what a smaller card would: capacity only, not its compute or
-#            bandwidth); results in bench-SHAPE-NAME-GIB.json                                        (default: none)
+#            bandwidth); results in bench-SHAPE-NAME-GIB.json. Each segment gets a share of the time left in proportion
+#            to its runs' expected lengths (weight() below)                                             (default: none)
 #   RUN_S    seconds kept for the run in flight when the deadline passes                            (default: 80)
 #   BUDGET, SHAPE, BENCH_COMMIT as in common.sh.
 #
@@ -58,12 +59,23 @@ unhold() { kill "$holder" 2>/dev/null; wait "$holder" 2>/dev/null; sleep 2; }
 if [ -n "${BUDGETS:-}" ]; then
   ready
   IFS=';' read -r -a segments <<< "$BUDGETS"
-  n=${#segments[@]}
+  weight() {  # a segment's share of the time left, in units of about 17 s of a 13B run on an H100 (r24a, run16): a job
+    # run 2 on the whole card and 3 under a memory budget (checkpointing), stock TRL 3, Unsloth 4 (its own process), e2e 10
+    local w=0 item job=2
+    [ "${1%%=*}" = full ] || job=3
+    IFS=',' read -r -a items <<< "${1#*=}"
+    for item in "${items[@]}"; do
+      case $item in e2e*) w=$((w + 10));; *:unsloth:*) w=$((w + 4));; *:trl:*) w=$((w + 3));; *) w=$((w + job));; esac
+    done
+    echo "$w"
+  }
+  total=0
+  for seg in "${segments[@]}"; do total=$(( total + $(weight "$seg") )); done
   for seg in "${segments[@]}"; do
-    gib=${seg%%=*} PLAN=${seg#*=} base_name=$NAME
+    gib=${seg%%=*} PLAN=${seg#*=} base_name=$NAME w=$(weight "$seg")
     [ "$gib" = full ] || hold "$gib"
-    SEG_S=$(( $(left) / n )) NAME="$base_name-$gib" bench_run
-    n=$(( n - 1 ))
+    SEG_S=$(( $(left) * w / total )) NAME="$base_name-$gib" bench_run
+    total=$(( total - w ))
     at "bench $gib exit $?"
     [ "$gib" = full ] || unhold
     NAME=$base_name
