@@ -157,3 +157,20 @@ def test_a_card_entry_compares_auto_with_the_fastest_job_variant_measured_beside
     assert c["sft_13b"]["job_best"]["name"] == "p_keep_copy_4" and c["sft_13b"]["auto_vs_best"] == 0.909
     assert bench_module.main(["card", str(path), "--headline", str(headline)]) == 0  # the same call again: replaced
     assert len(json.loads(headline.read_text())["cards"]) == 1
+
+
+def test_the_seed_workload_end_to_end_runs_through_the_job_as_the_seed_ran_it(tmp_path):
+    """`e2e`: both stages through `python -m job` with docker/sft.env and docker/dpo.env on the benchmark's data. Its
+    answers are longer than the seed's data (a quarter of the examples over sft.env's 512 tokens), which the job
+    refuses by default (JOB_MAX_OVER_LENGTH_SHARE, exit 3); the seed cut them silently, and the benchmark measures the
+    seed's workload as the seed ran it. On 2026-12-07 a GPU call's e2e exited 3 here before this was set."""
+    env = job_env(BENCH_COMMIT="abc1234")
+    r = bench(env, "run", "--shape", "tiny", "--sft-examples", "48", "--dpo-pairs", "8", "--tag", "t", "--plan", "e2e",
+              "--work", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    (e2e,) = json.loads((tmp_path / "out" / "bench-tiny-t.json").read_text())["runs"]
+    assert e2e["ok"], json.dumps(e2e)[-3000:]
+    sft, dpo = e2e["stages"]
+    assert sft["metrics"]["length_policy"]["train"]["dropped"] > 0  # the cut happened, and the run went on as the seed's did
+    assert sft["token_count_matches"] and dpo["exit_code"] == 0
+    assert set(sft["phases_s"]) >= {"imports", "preflight", "load", "first_step", "train"}  # where its time went
