@@ -925,7 +925,10 @@ def card(files: list[Path]) -> dict:
                         row[k] = plan[k]
             block[r["name"] if r.get("who") == "job" else f"{r.get('who')}_{r['name']}"] = row
         job = {k: v for k, v in block.items() if v.get(key) and k in {r["name"] for r in runs if r.get("who") == "job"}}
-        if job:
+        if len(job) == 1:  # nothing to compare `auto` with: no claim either way
+            block["job_best"] = {"skipped": f"only {next(iter(job))!r} of the job's variants was measured in this call"}
+            block["auto_vs_best"] = None
+        elif job:
             best = max(job, key=lambda k: job[k][key])
             block["job_best"] = {"name": best, key: job[best][key]}
             if job.get("default"):

@@ -128,6 +128,12 @@ def test_headline_keeps_a_measurement_over_a_later_skip(tmp_path):
     assert "not measured" in h["dpo_13b"]["unsloth"]["skipped"]
 
 
+def result_file(path, runs):
+    path.write_text(json.dumps({"shape": "13b", "environment": {"device": "NVIDIA H100 80GB HBM3", "memory_free_gib": 22.5,
+                                                                  "date": "2026-12-07", "git_commit": "abc1234"}, "runs": runs}))
+    return path
+
+
 def test_a_card_entry_compares_auto_with_the_fastest_job_variant_measured_beside_it(tmp_path):
     """headline.json `cards`: per stage the fastest job variant, `auto` (the `default` run) as a share of it, and the
     memory plan `auto` chose with its estimated peak; a failed variant (out of memory) is not the fastest."""
@@ -157,6 +163,8 @@ def test_a_card_entry_compares_auto_with_the_fastest_job_variant_measured_beside
     assert c["sft_13b"]["job_best"]["name"] == "p_keep_copy_4" and c["sft_13b"]["auto_vs_best"] == 0.909
     assert bench_module.main(["card", str(path), "--headline", str(headline)]) == 0  # the same call again: replaced
     assert len(json.loads(headline.read_text())["cards"]) == 1
+    alone = bench_module.card([result_file(tmp_path / "alone.json", [run("default", "sft", 7000.0)])])
+    assert alone["sft_13b"]["auto_vs_best"] is None and "only 'default'" in alone["sft_13b"]["job_best"]["skipped"]
 
 
 def test_the_seed_workload_end_to_end_runs_through_the_job_as_the_seed_ran_it(tmp_path):
