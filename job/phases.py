@@ -8,7 +8,7 @@ the trainer's set-up, the "before" answers) is measured on every run, not guesse
     imports          the interpreter's start to the job's first line of work (Python, torch, transformers, ...)
     preflight        settings, storage, data and model checks, run identity (job/preflight.py)
     weights          the base model's download (none when cached or local)
-    load             the 4-bit base (and JOB_ADAPTER) onto the device
+    load             a resume checkpoint's download, then the 4-bit base (and JOB_ADAPTER) onto the device
     trainer          the trainer's set-up: memory plan, dequantized copy, data collation, optimizer
     before           the starting model's answers to the eval prompts
     first_step       train() up to the end of the first optimizer step (resume checkpoint, kernels' first compiles)
