@@ -286,6 +286,15 @@ def trainer_metrics(trainer, result) -> dict:
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
 
 
+def pair_rates(r: dict, pairs: int, per_step: int, runtime: float) -> None:
+    """A DPO run's pairs, pairs/s over the whole run and steady pairs/s (per_step pairs per optimizer step, timed by
+    StepTimer.steady), into r: one way for the seed recipe, the peers and bench/unsloth_peer.py."""
+    r["pairs"] = pairs
+    r["pairs_per_second"] = round(pairs / runtime, 4)
+    if r.get("seconds_per_step"):
+        r["steady_pairs_per_second"] = round(per_step / r["seconds_per_step"], 4)
+
+
 def run_seed(stage: str, ctx: dict, name: str, steps: int, overrides: dict | None = None) -> dict:
     import seed  # bench/seed.py
 
@@ -306,10 +315,7 @@ def run_seed(stage: str, ctx: dict, name: str, steps: int, overrides: dict | Non
         r.update(trainer_metrics(trainer, result))
         r.update(timer.steady(ctx["warmup"]))
         if stage == "dpo":
-            r["pairs"] = steps * 4
-            r["pairs_per_second"] = round(r["pairs"] / result.metrics["train_runtime"], 4)
-            if r.get("seconds_per_step"):
-                r["steady_pairs_per_second"] = round(4 / r["seconds_per_step"], 4)
+            pair_rates(r, steps * 4, 4, result.metrics["train_runtime"])
         r["wall_s"] = round(time.perf_counter() - t0, 2)
         del trainer, result
     r.update(mem)
@@ -427,10 +433,7 @@ def run_trl(stage: str, ctx: dict, name: str, steps: int) -> dict:
         r.update(timer.steady(ctx["warmup"]))
         if stage == "dpo":
             per_step = layout["per_device_train_batch_size"] * layout["gradient_accumulation_steps"]
-            r["pairs"] = min(r["steps"] * per_step, len(records))
-            r["pairs_per_second"] = round(r["pairs"] / result.metrics["train_runtime"], 4)
-            if r.get("seconds_per_step"):
-                r["steady_pairs_per_second"] = round(per_step / r["seconds_per_step"], 4)
+            pair_rates(r, min(r["steps"] * per_step, len(records)), per_step, result.metrics["train_runtime"])
         r["wall_s"] = round(time.perf_counter() - t0, 2)
         del trainer, result
     r.update(mem)
@@ -933,7 +936,7 @@ def card(files: list[Path]) -> dict:
             block["job_best"] = {"name": best, key: job[best][key]}
             if job.get("default"):
                 block["auto_vs_best"] = round(job["default"][key] / job[best][key], 3)
-        peers = {f"{r['who']}_{r['name']}": r for r in runs if r.get("stage") == stage and r.get("who") != "job"}
+        peers = {f"{r['who']}_{r['name']}" for r in runs if r.get("stage") == stage and r.get("who") != "job"}
         peers = {k: block[k][key] for k in peers if block[k].get(key)}
         if (block.get("default") or {}).get(key) and peers:  # `auto` against each peer measured in this call
             block["auto_vs_peers"] = {k: round(block["default"][key] / v, 3) for k, v in peers.items()}

@@ -115,10 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             r.update(timer.steady(a.warmup))
             if a.stage == "dpo":  # as bench.py's stock-TRL DPO peer counts pairs
                 per_step = batch * accumulation
-                r["pairs"] = min(r["steps"] * per_step, len(records))
-                r["pairs_per_second"] = round(r["pairs"] / result.metrics["train_runtime"], 4)
-                if r.get("seconds_per_step"):
-                    r["steady_pairs_per_second"] = round(per_step / r["seconds_per_step"], 4)
+                bench.pair_rates(r, min(r["steps"] * per_step, len(records)), per_step, result.metrics["train_runtime"])
                 r["padding_free"] = bool(getattr(trainer.args, "padding_free", False))
             r["wall_s"] = round(time.perf_counter() - t0, 2)
         except Exception as exc:  # report and go on to the next run

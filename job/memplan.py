@@ -289,13 +289,14 @@ def choose(s, model, work: Workload, *, liger: bool, cuda: bool, free: int | Non
     pool = fitting or [min(candidates, key=lambda c: c.need)]
     best = max(pool, key=lambda c: (c.speed, -c.need))
     plan = best.plan()
+    worst, mean = work.tokens(best.rows)  # the chosen micro-batch's tokens
     runners_up = sorted((c for c in fitting if c is not best), key=lambda c: (-c.speed, c.need))
     report = {
         "auto": True,
         "free_gib": round(free / GIB, 2),
         "usable_gib": round(room / GIB, 2),
-        "worst_micro_batch_tokens": work.tokens(best.rows)[0],
-        "mean_micro_batch_tokens": round(work.tokens(best.rows)[1], 1),
+        "worst_micro_batch_tokens": worst,
+        "mean_micro_batch_tokens": round(mean, 1),
         "chosen": best.describe(),
         "fits": bool(fitting),
         "faster_but_too_big": [c.describe() for c in sorted(candidates, key=lambda c: -c.speed)
@@ -306,7 +307,7 @@ def choose(s, model, work: Workload, *, liger: bool, cuda: bool, free: int | Non
              "estimated of %.1f GiB free (worst micro-batch %d tokens)%s",
              "on" if plan.checkpointing else "off", " with layer inputs offloaded" if plan.offload else "",
              "kept" if plan.dequantized else "not kept", plan.micro_batch, work.rows * work.accumulation // plan.micro_batch,
-             best.need / GIB, free / GIB, work.tokens(best.rows)[0],
+             best.need / GIB, free / GIB, worst,
              "" if fitting else "; nothing was estimated to fit: the smallest plan is tried",
              extra={"fields": {"event": "memory_plan", "memory_plan": report}})
     return MemoryPlan(plan.checkpointing, plan.dequantized, plan.micro_batch, plan.offload, report=report)
