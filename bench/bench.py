@@ -441,19 +441,24 @@ def run_trl(stage: str, ctx: dict, name: str, steps: int) -> dict:
 
 
 def run_unsloth(ctx: dict, names: list[str], steps: int, timeout: float | None = None, stage: str = "sft") -> list[dict]:
-    """Unsloth's SFT or DPO runs (bench/unsloth_peer.py) in a process and an environment of their own:
-    BENCH_UNSLOTH_PYTHONPATH is its PYTHONPATH, replacing ours (Unsloth pins older transformers and TRL than the job's)."""
+    """Unsloth's SFT or DPO runs, or both (stage `sft+dpo`: SFT's then DPO's, one import of Unsloth for both), by
+    bench/unsloth_peer.py in a process and an environment of their own: BENCH_UNSLOTH_PYTHONPATH is its PYTHONPATH,
+    replacing ours (Unsloth pins older transformers and TRL than the job's)."""
+    stages = stage.split("+")
     path = os.environ.get("BENCH_UNSLOTH_PYTHONPATH")
     if not path:
-        return [{"name": n, "who": "unsloth", "stage": stage, "skipped": "Unsloth's environment not given (BENCH_UNSLOTH_PYTHONPATH)"}
-                for n in names]
-    out = ctx["work"] / f"unsloth-peer-{stage}.json"
+        return [{"name": n, "who": "unsloth", "stage": st, "skipped": "Unsloth's environment not given (BENCH_UNSLOTH_PYTHONPATH)"}
+                for st in stages for n in names]
+    out = ctx["work"] / f"unsloth-peer-{'-'.join(stages)}.json"
     out.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONPATH": path}
-    data = ctx["sft_data"] if stage == "sft" else ctx["dpo_jsonl"]
-    cmd = [sys.executable, str(ROOT / "bench" / "unsloth_peer.py"), "--stage", stage, "--model", str(ctx["model"]),
-           "--data", str(data), "--out", str(out), "--runs", ",".join(names), "--steps", str(steps), "--warmup", str(ctx["warmup"])]
-    if stage == "sft":  # DPO: the peer's default, the job's and stock TRL's layout
+    data = {"sft": ctx.get("sft_data"), "dpo": ctx.get("dpo_jsonl")}
+    cmd = [sys.executable, str(ROOT / "bench" / "unsloth_peer.py"), "--stage", ",".join(stages), "--model", str(ctx["model"]),
+           "--data", str(data[stages[0]]), "--out", str(out), "--runs", ",".join(names), "--steps", str(steps),
+           "--warmup", str(ctx["warmup"])]
+    if "dpo" in stages[1:]:
+        cmd += ["--dpo-data", str(data["dpo"])]
+    if "sft" in stages:  # DPO: the peer's default, the job's and stock TRL's layout
         cmd += ["--layout", ctx["unsloth_layout"]]
     log(" ".join(cmd))
     t0 = time.perf_counter()
@@ -465,12 +470,13 @@ def run_unsloth(ctx: dict, names: list[str], steps: int, timeout: float | None =
     except subprocess.TimeoutExpired:
         note = f"unsloth_peer.py stopped after {timeout:.0f} s (the bench's deadline)"
     runs = json.loads(out.read_text()) if out.exists() else []
-    done = {r["name"] for r in runs}
-    runs += [{"name": n, "who": "unsloth", "stage": stage, "skipped": note or "no result"} for n in names if n not in done]
+    done = {(r["stage"], r["name"]) for r in runs}
+    runs += [{"name": n, "who": "unsloth", "stage": st, "skipped": note or "no result"}
+             for st in stages for n in names if (st, n) not in done]
     for r in runs:
         r["process_wall_s"] = round(time.perf_counter() - t0, 2)
         if not r.get("error") and not r.get("skipped"):
-            add_rates(r, ctx["env"], ctx["n"], gc=r["gradient_checkpointing"], dpo=stage == "dpo")
+            add_rates(r, ctx["env"], ctx["n"], gc=r["gradient_checkpointing"], dpo=r["stage"] == "dpo")
     return runs
 
 
@@ -631,8 +637,10 @@ def parse_plan(text: str) -> list[tuple[str, str, list[str], int | None]]:
         stage, who, names = spec.split(":")
         names = names.split("+")
         known = {"seed": {"seed", "seed_nogc"}, "job": set(VARIANTS), "trl": set(TRL_PEERS), "unsloth": {"unsloth", "unsloth_lowmem"}}
-        if stage not in ("sft", "dpo") or who not in known or not set(names) <= known[who]:
-            raise SystemExit(f"--plan: can't run {item!r} (STAGE sft|dpo, WHO seed|job|trl|unsloth, NAME one of {sorted(known.get(who, []))})")
+        stages = ("sft", "dpo", "sft+dpo") if who == "unsloth" else ("sft", "dpo")  # Unsloth: both stages, one import
+        if stage not in stages or who not in known or not set(names) <= known[who]:
+            raise SystemExit(f"--plan: can't run {item!r} (STAGE sft|dpo (sft+dpo for unsloth), WHO seed|job|trl|unsloth, "
+                             f"NAME one of {sorted(known.get(who, []))})")
         plan.append((stage, who, names, int(steps) if steps else None))
     return plan
 
@@ -660,7 +668,7 @@ def plan_from_parts(a) -> list[tuple[str, str, list[str], int | None]]:
 def default_steps(a, stage: str, who: str) -> int:
     if who == "seed":
         return a.seed_steps if stage == "sft" else a.dpo_seed_steps
-    return a.job_steps if stage == "sft" else a.dpo_job_steps
+    return a.job_steps if stage.startswith("sft") else a.dpo_job_steps  # Unsloth's sft+dpo: SFT's
 
 
 def cmd_run(a, argv: list[str]) -> int:
@@ -716,17 +724,19 @@ def cmd_run(a, argv: list[str]) -> int:
     for stage, who, names, steps in plan:
         steps = steps if steps is not None else default_steps(a, stage, who)
         if left() is not None and left() <= 0:  # out of time: say so for each run left, so the file is complete
-            for name in names:
-                res["runs"].append({"name": name, "who": "job" if who == "e2e" else who, "stage": stage,
-                                    "skipped": f"the bench's deadline ({a.deadline_s} s) passed"})
+            for st in (stage.split("+") if who == "unsloth" else [stage]):
+                for name in names:
+                    res["runs"].append({"name": name, "who": "job" if who == "e2e" else who, "stage": st,
+                                        "skipped": f"the bench's deadline ({a.deadline_s} s) passed"})
             save()
             continue
         if who == "unsloth":
             log(f"--- unsloth {'+'.join(names)}")
             # Its process may run a minute past the deadline (a run started before it is allowed to finish).
-            res["runs"] += run_unsloth(ctx, names, steps, timeout=None if left() is None else left() + 60, stage=stage)
+            runs = run_unsloth(ctx, names, steps, timeout=None if left() is None else left() + 60, stage=stage)
+            res["runs"] += runs
             save()
-            for r in res["runs"][-len(names):]:
+            for r in runs:
                 log(summary_line(r))
         elif who == "e2e":
             attempt(run_e2e, ctx, names[0], ident=("job", "sft+dpo", names[0]))

@@ -7,6 +7,10 @@ PYTHONPATH (bench/device/README.md says how that environment is carried to the G
     python bench/unsloth_peer.py --model /tmp/qlora-bench/models/13b --data /tmp/qlora-bench/data/sft.jsonl \\
         --runs unsloth_lowmem,unsloth --steps 10 --out /tmp/unsloth.json
     python bench/unsloth_peer.py --stage dpo --data /tmp/qlora-bench/data/dpo.jsonl --runs unsloth ...
+    python bench/unsloth_peer.py --stage sft,dpo --data .../sft.jsonl --dpo-data .../dpo.jsonl --runs unsloth ...
+
+--stage sft,dpo runs each of --runs for SFT, then each for DPO, in this one process: Unsloth's import (about 40 s on
+the GPU machine) is paid once for both stages.
 
 Runs: `unsloth` (checkpointing off) and `unsloth_lowmem` (its "unsloth" checkpointing, which offloads to the CPU),
 both with its fused LoRA kernels (LoRA dropout 0, which they require), r=16, alpha=16, the 7 projections, bf16, packing +
@@ -41,14 +45,22 @@ CHECKPOINTING = {"unsloth": False, "unsloth_lowmem": "unsloth"}
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True, help="the benchmark's SFT records (JSON lines of text/output)")
+    p.add_argument("--data", required=True, help="the first stage's records: SFT text/output or DPO prompt/chosen/rejected (JSON lines)")
+    p.add_argument("--dpo-data", help="with --stage sft,dpo: the DPO records (JSON lines of prompt/chosen/rejected)")
     p.add_argument("--out", required=True)
     p.add_argument("--runs", default="unsloth_lowmem,unsloth")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--stage", choices=("sft", "dpo"), default="sft")
-    p.add_argument("--layout", help="max_length,per_device_batch,accumulation (default: 8192,1,1 for SFT, 1024,4,4 for DPO)")
+    p.add_argument("--stage", choices=("sft", "dpo", "sft,dpo"), default="sft")
+    p.add_argument("--layout", help="the first stage's max_length,per_device_batch,accumulation (default: SFT 8192,1,1, DPO --dpo-layout)")
+    p.add_argument("--dpo-layout", default="1024,4,4", help="DPO's layout after SFT in --stage sft,dpo, or alone without --layout")
     a = p.parse_args(argv)
+    stages = a.stage.split(",")
+    if stages == ["sft", "dpo"] and not a.dpo_data:
+        p.error("--stage sft,dpo needs --dpo-data")
+    data = dict(zip(stages, (a.data, a.dpo_data)))
+    # --layout is the only stage's (DPO's too, alone, as before --dpo-layout existed)
+    layouts = {"sft": a.layout or "8192,1,1", "dpo": (a.layout if stages == ["dpo"] else None) or a.dpo_layout}
 
     t_import = time.perf_counter()
     import unsloth  # first: it patches transformers and TRL
@@ -68,14 +80,14 @@ def main(argv: list[str] | None = None) -> int:
                 "trl": trl.__version__, "import_s": round(time.perf_counter() - t_import, 1)}
     print("unsloth peer:", json.dumps(versions), flush=True)
     cuda = torch.cuda.is_available()  # False only in the CPU test of this script, with a stand-in for unsloth
-    records = [json.loads(line) for line in Path(a.data).read_text(encoding="utf-8").splitlines() if line.strip()]
-    max_length, batch, accumulation = (int(x) for x in (a.layout or ("8192,1,1" if a.stage == "sft" else "1024,4,4")).split(","))
     results: list[dict] = []
     out = Path(a.out)
 
-    for name in a.runs.split(","):
+    for stage, name in [(st, n) for st in stages for n in a.runs.split(",")]:
+        records = [json.loads(line) for line in Path(data[stage]).read_text(encoding="utf-8").splitlines() if line.strip()]
+        max_length, batch, accumulation = (int(x) for x in layouts[stage].split(","))
         gc_mode = CHECKPOINTING[name]
-        r: dict = {"name": name, "who": "unsloth", "stage": a.stage, "max_steps": a.steps, "versions": versions,
+        r: dict = {"name": name, "who": "unsloth", "stage": stage, "max_steps": a.steps, "versions": versions,
                    "layout": {"max_length": max_length, "per_device_train_batch_size": batch, "gradient_accumulation_steps": accumulation},
                    "gradient_checkpointing": bool(gc_mode), "checkpointing_mode": gc_mode or "off", "lora_dropout": 0.0}
         model = trainer = None
@@ -97,11 +109,11 @@ def main(argv: list[str] | None = None) -> int:
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token
             timer = bench.StepTimer()
-            common = dict(output_dir=f"/tmp/unsloth-peer-{a.stage}-{name}", max_steps=a.steps, logging_steps=1, report_to="none",
+            common = dict(output_dir=f"/tmp/unsloth-peer-{stage}-{name}", max_steps=a.steps, logging_steps=1, report_to="none",
                           save_strategy="no", dataset_num_proc=1, per_device_train_batch_size=batch,
                           gradient_accumulation_steps=accumulation, optim="adamw_torch_fused" if cuda else "adamw_torch",
                           max_length=max_length, bf16=cuda, learning_rate=2e-4, seed=42)
-            if a.stage == "sft":
+            if stage == "sft":
                 args = SFTConfig(**common, packing=True, padding_free=True,
                                  include_num_input_tokens_seen="non_padding")
                 trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict(sft_rows(records, tok)),
@@ -113,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             result = trainer.train()
             r.update(bench.trainer_metrics(trainer, result))
             r.update(timer.steady(a.warmup))
-            if a.stage == "dpo":  # as bench.py's stock-TRL DPO peer counts pairs
+            if stage == "dpo":  # as bench.py's stock-TRL DPO peer counts pairs
                 per_step = batch * accumulation
                 bench.pair_rates(r, min(r["steps"] * per_step, len(records)), per_step, result.metrics["train_runtime"])
                 r["padding_free"] = bool(getattr(trainer.args, "padding_free", False))

@@ -9,13 +9,15 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import pytest
+
 from conftest import ROOT, job_env
 
 sys.path.insert(0, str(ROOT / "bench"))
 import bench as bench_module  # noqa: E402
 
 PLAN = ("sft:seed:seed@1,sft:job:default@2,sft:job:sdpa@2,sft:trl:trl_best@2,sft:unsloth:unsloth_lowmem+unsloth@2,"
-        "dpo:seed:seed@1,dpo:job:default@2,dpo:unsloth:unsloth@2")
+        "dpo:seed:seed@1,dpo:job:default@2,dpo:unsloth:unsloth@2,sft+dpo:unsloth:unsloth@2")
 ARGS = ["--shape", "tiny", "--sft-examples", "8", "--dpo-pairs", "4", "--warmup-steps", "1", "--tag", "t"]
 
 
@@ -40,8 +42,13 @@ def test_bench_runs_seed_job_and_peers_and_reports_them(tmp_path):
     assert [(x["who"], x["stage"], x["name"]) for x in runs] == [  # in the plan's order
         ("seed", "sft", "seed"), ("job", "sft", "default"), ("job", "sft", "sdpa"), ("trl", "sft", "trl_best"),
         ("unsloth", "sft", "unsloth_lowmem"), ("unsloth", "sft", "unsloth"), ("seed", "dpo", "seed"), ("job", "dpo", "default"),
-        ("unsloth", "dpo", "unsloth")]
-    by = {(x["who"], x["stage"], x["name"]): x for x in runs}
+        ("unsloth", "dpo", "unsloth"), ("unsloth", "sft", "unsloth"), ("unsloth", "dpo", "unsloth")]
+    # sft+dpo: both stages in one process (Unsloth imported once), each as the stage alone measured it
+    both = runs[-2:]
+    assert both[0]["process_wall_s"] == both[1]["process_wall_s"] and both[0]["versions"] == both[1]["versions"]
+    assert [x["layout"] for x in both] == [runs[5]["layout"], runs[-3]["layout"]] and both[1]["pairs"] == 4
+    assert both[1]["tokens"] == runs[-3]["tokens"] and both[0]["tokens"] == runs[5]["tokens"]
+    by = {(x["who"], x["stage"], x["name"]): x for x in runs}  # the later run of a name (the headline's)
     for x in runs:
         assert x["tokens_per_second"] > 0, x
         assert x["stage"] == "sft" or x["pairs_per_second"] > 0, x
@@ -110,6 +117,9 @@ def test_the_parts_options_still_describe_the_same_runs():
     assert bench_module.parse_plan("sft:job:default@8,sft:unsloth:unsloth_lowmem+unsloth,e2e,e2e_nogen") == [
         ("sft", "job", ["default"], 8), ("sft", "unsloth", ["unsloth_lowmem", "unsloth"], None), ("sft+dpo", "e2e", ["e2e"], None),
         ("sft+dpo", "e2e", ["e2e_nogen"], None)]
+    assert bench_module.parse_plan("sft+dpo:unsloth:unsloth@5") == [("sft+dpo", "unsloth", ["unsloth"], 5)]
+    with pytest.raises(SystemExit, match="sft\\+dpo:job:default"):  # one import to share: Unsloth's only
+        bench_module.parse_plan("sft+dpo:job:default")
 
 
 def test_headline_keeps_a_measurement_over_a_later_skip(tmp_path):

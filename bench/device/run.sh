@@ -60,12 +60,13 @@ if [ -n "${BUDGETS:-}" ]; then
   ready
   IFS=';' read -r -a segments <<< "$BUDGETS"
   weight() {  # a segment's share of the time left, in units of about 17 s of a 13B run on an H100 (r24a, run16): a job
-    # run 2 on the whole card and 3 under a memory budget (checkpointing), stock TRL 3, Unsloth 4 (its own process), e2e 10
+    # run 2 on the whole card and 3 under a memory budget (checkpointing), stock TRL 3, Unsloth 4 (its own process; 6 for
+    # sft+dpo, one import for both stages), e2e 10
     local w=0 item job=2
     [ "${1%%=*}" = full ] || job=3
     IFS=',' read -r -a items <<< "${1#*=}"
     for item in "${items[@]}"; do
-      case $item in e2e*) w=$((w + 10));; *:unsloth:*) w=$((w + 4));; *:trl:*) w=$((w + 3));; *) w=$((w + job));; esac
+      case $item in e2e*) w=$((w + 10));; sft+dpo:unsloth:*) w=$((w + 6));; *:unsloth:*) w=$((w + 4));; *:trl:*) w=$((w + 3));; *) w=$((w + job));; esac
     done
     echo "$w"
   }
