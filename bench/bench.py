@@ -950,7 +950,8 @@ def card(files: list[Path]) -> dict:
         peers = {k: block[k][key] for k in peers if block[k].get(key)}
         if (block.get("default") or {}).get(key) and peers:  # `auto` against each peer measured in this call
             block["auto_vs_peers"] = {k: round(block["default"][key] / v, 3) for k, v in peers.items()}
-        entry[f"{stage}_{shape}"] = block
+        entry[f"{stage}_{shape}"] = block or {"skipped": f"no {stage.upper()} run of {', '.join(f.name for f, _ in results)} "
+                                                       "has a result"}
     e2e = next((r for r in runs if r.get("name") == "e2e" and r.get("ok")), None)
     entry["e2e_seconds"] = e2e["wall_s"] if e2e else None
     return entry

@@ -175,6 +175,7 @@ def test_a_card_entry_compares_auto_with_the_fastest_job_variant_measured_beside
     assert len(json.loads(headline.read_text())["cards"]) == 1
     alone = bench_module.card([result_file(tmp_path / "alone.json", [run("default", "sft", 7000.0)])])
     assert alone["sft_13b"]["auto_vs_best"] is None and "only 'default'" in alone["sft_13b"]["job_best"]["skipped"]
+    assert alone["dpo_13b"] == {"skipped": "no DPO run of alone.json has a result"}  # a stage the call never finished
 
 
 def test_the_seed_workload_end_to_end_runs_through_the_job_as_the_seed_ran_it(tmp_path):

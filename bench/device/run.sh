@@ -41,7 +41,7 @@ if [ -n "${PLAN:-}" ]; then
   # BASE_FIRST=1 swaps the order, so that two calls show what the order (a cold GPU, the page cache) does to an A/B.
   if [ -n "${BASE:-}" ] && [ "${BASE_FIRST:-0}" = 1 ]; then base_run; fi
   bench_run
-  at "bench exit $?"
+  at "bench exit $?"  # 124: BUDGET's hard limit stopped it (the run in flight is lost; finished ones are in its JSON)
   if [ -n "${BASE:-}" ] && [ "${BASE_FIRST:-0}" != 1 ]; then base_run; fi
 fi
 hold() {  # hold GIB: keep all but GIB of the card in a process of its own, until `unhold`
@@ -76,8 +76,9 @@ if [ -n "${BUDGETS:-}" ]; then
     gib=${seg%%=*} PLAN=${seg#*=} base_name=$NAME w=$(weight "$seg")
     [ "$gib" = full ] || hold "$gib"
     SEG_S=$(( $(left) * w / total )) NAME="$base_name-$gib" bench_run
+    rc=$?  # 124: the segment's hard limit stopped the bench (a run in flight is lost; finished ones are in its JSON)
     total=$(( total - w ))
-    at "bench $gib exit $?"
+    at "bench $gib exit $rc"
     [ "$gib" = full ] || unhold
     NAME=$base_name
   done
