@@ -80,11 +80,13 @@ def main(argv: list[str] | None = None) -> int:
                 "trl": trl.__version__, "import_s": round(time.perf_counter() - t_import, 1)}
     print("unsloth peer:", json.dumps(versions), flush=True)
     cuda = torch.cuda.is_available()  # False only in the CPU test of this script, with a stand-in for unsloth
+    records_of = {st: [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+                  for st, path in data.items()}  # each stage's file read once, whatever the number of runs
     results: list[dict] = []
     out = Path(a.out)
 
     for stage, name in [(st, n) for st in stages for n in a.runs.split(",")]:
-        records = [json.loads(line) for line in Path(data[stage]).read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = records_of[stage]
         max_length, batch, accumulation = (int(x) for x in layouts[stage].split(","))
         gc_mode = CHECKPOINTING[name]
         r: dict = {"name": name, "who": "unsloth", "stage": stage, "max_steps": a.steps, "versions": versions,
