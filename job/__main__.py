@@ -19,7 +19,7 @@ import sys
 
 def _stop_early(signum, frame):
     # Ctrl-C or SIGTERM while the libraries are still importing: stop quietly with the signal's code, no traceback.
-    # (Replaced by job.checkpoints.StopSignal once the job is running.)
+    # (Replaced by job.signals.StopSignal once the job is running.)
     print(f"qlora-job: {signal.Signals(signum).name} received before the job started; stopping", file=sys.stderr)
     raise SystemExit(128 + signum)
 
@@ -59,14 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     from job.settings import load_settings, secret_values
 
     # Before anything imports the training stack: its noise filters must be in place when bitsandbytes logs at its
-    # import, and --print-config needs none of it (torch, transformers, TRL: 10+ s of imports on 2 CPU cores).
-    logs.setup("auto", secret_values(), libraries=not args.print_config)
+    # import. Only the demo imports it here: a run and --check import it once the settings, storage and data are
+    # checked (torch, transformers, TRL: 10+ s of imports on 2 CPU cores), --print-config never.
+    logs.setup("auto", secret_values(), libraries=args.command == "demo")
     settings = None
     try:
         if args.print_config:
             print(json.dumps(load_settings(trl=False).masked(), ensure_ascii=False, indent=2))
             return ExitCode.OK
-        from job.checkpoints import StopSignal
+        from job.signals import StopSignal
 
         stop = StopSignal()
         stop.install()  # from here on a signal raises Preempted (exit 143/130) until training starts
@@ -74,8 +75,11 @@ def main(argv: list[str] | None = None) -> int:
             from job.demo import run_demo
 
             return run_demo(args.demo_dir)
-        settings = load_settings()
-        progress_bar = not logs.setup(settings.log_format, secret_values())
+        # TRL's and PEFT's checks of the settings come once the storage and data are checked (job/preflight.py
+        # `libraries`): the training stack's imports take 10-20 s, and those are the most common mistakes.
+        settings = load_settings(trl="later")
+        # Library logs are routed by the preflight, with their import (job/preflight.py `libraries`).
+        progress_bar = not logs.setup(settings.log_format, secret_values(), libraries=False)
         from job import pipeline
 
         if args.check:
@@ -88,9 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         return _report(exc)
     except Exception as exc:
         _settle()
-        import torch
-
-        if isinstance(exc, torch.OutOfMemoryError):
+        torch = sys.modules.get("torch")  # not imported yet: not a GPU's error
+        if torch is not None and isinstance(exc, torch.OutOfMemoryError):
             message = ("out of GPU memory: lower JOB_TRAIN__PER_DEVICE_TRAIN_BATCH_SIZE or JOB_TRAIN__MAX_LENGTH, or set "
                        "JOB_TRAIN__GRADIENT_CHECKPOINTING=true")
             log.error(message, extra={"fields": {"event": "error", "exit_code": int(ExitCode.OOM)}})

@@ -9,12 +9,28 @@ job/stages/, which both need it.
 from __future__ import annotations
 
 import contextlib
+import os
 
 from job.errors import TransientError
 
 
+class _OneProcess:
+    """The state of a run started without torchrun: what accelerate's would say, without importing torch (seconds)
+    before the settings, storage and data are checked."""
+
+    num_processes = 1
+    process_index = local_process_index = 0
+    is_main_process = is_local_main_process = True
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
 def state():
-    """accelerate's process state, as the Trainer will set it up (gloo on CPU, NCCL on GPUs; one process without torchrun)."""
+    """accelerate's process state, as the Trainer will set it up (gloo on CPU, NCCL on GPUs); one process without
+    torchrun (no WORLD_SIZE above 1, as accelerate reads it)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return _OneProcess()
     import torch
     from accelerate import PartialState
 
@@ -46,8 +62,8 @@ def wait_for_everyone(st) -> None:
 
 def same_on_every_process(run_id: str) -> str:
     """A generated run id must be the same on every rank: rank 0's wins."""
-    from accelerate.utils import broadcast_object_list
-
     if state().num_processes == 1:
         return run_id
+    from accelerate.utils import broadcast_object_list
+
     return broadcast_object_list([run_id], from_process=0)[0]

@@ -91,10 +91,11 @@ def use_json(log_format: str) -> bool:
 
 def setup(log_format: str, secrets: list[str], libraries: bool = True) -> bool:
     """Configure the root logger; returns True when logs are JSON lines (no progress bar). `libraries`: also route
-    transformers' and datasets' logs through it (importing them: several seconds, which `--print-config` skips)."""
-    global _secrets
+    transformers' and datasets' logs through it (`route_libraries`: imports them, which the command line leaves to
+    the preflight, once the settings and data are checked)."""
+    global _secrets, _as_json
     _secrets = sorted(set(secrets), key=len, reverse=True)
-    as_json = use_json(log_format)
+    as_json = _as_json = use_json(log_format)
     handler = _Handler(sys.stderr)
     handler.addFilter(_RedactFilter())
     handler.setFormatter(_JsonFormatter() if as_json else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
@@ -108,16 +109,23 @@ def setup(log_format: str, secrets: list[str], libraries: bool = True) -> bool:
     drop_noise()
     for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "httpx", "httpx2", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not libraries:
-        return as_json
+    if libraries:
+        route_libraries()
+    return as_json
+
+
+_as_json = False
+
+
+def route_libraries() -> None:
+    """Route transformers' and datasets' logs through the root logger's handler (and its redaction), and keep their
+    progress bars off in JSON mode. Imports both (about 2 s on 2 CPU cores)."""
     import transformers
     import datasets
 
-    # Route library logs through our handler (and its redaction), and keep their progress bars off in JSON mode.
     transformers.utils.logging.disable_default_handler()
     transformers.utils.logging.enable_propagation()
     transformers.utils.logging.set_verbosity_warning()
-    if as_json:
+    if _as_json:
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
-    return as_json

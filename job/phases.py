@@ -5,8 +5,12 @@ for the first). `seconds()` gives every phase so far, in order, and `run.json` (
 line (`event: done`) carry them, so that what a stage spends before its first step (imports, checks, download, load,
 the trainer's set-up, the "before" answers) is measured on every run, not guessed.
 
-    imports          the interpreter's start to the job's first line of work (Python, torch, transformers, ...)
-    preflight        settings, storage, data and model checks, run identity (job/preflight.py)
+    imports          the interpreter's start to the job's first line of work (Python, pydantic, boto3: not the
+                     training stack, which comes once the checks that need none of it have passed)
+    checks           storage probes, the data pulled and checked row by row, the eval prompts (job/preflight.py)
+    libraries        the training stack's import: torch, transformers, PEFT, TRL, bitsandbytes (10-20 s)
+    preflight        the settings TRL and PEFT check, the model's small files and modules, tokenizer, lengths,
+                     run identity, memory plan (job/preflight.py)
     weights          the base model's download (none when cached or local)
     load             a resume checkpoint's download, then the 4-bit base (and JOB_ADAPTER) onto the device
     trainer          the trainer's set-up: memory plan, dequantized copy, data collation, optimizer

@@ -16,14 +16,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from job import divergence, phases, preflight, runlock, storage
-from job.checkpoints import CheckpointCallback, StopSignal, pull_latest
+from job import phases, preflight, runlock, storage
 from job.distributed import first_process_per_node as _first_process_per_node
 from job.distributed import same_on_every_process as _same_on_every_process
 from job.distributed import state as _distributed_state
-from job.divergence import DivergenceCallback
 from job.errors import OutOfMemory, Preempted, TransientError
 from job.settings import JobSettings
+from job.signals import StopSignal
 
 log = logging.getLogger("job")
 
@@ -33,6 +32,7 @@ def check(s: JobSettings) -> dict:
     if s.stage == "merge":  # no data, no training: its own module
         from job.stages import merge
 
+        preflight.libraries(s)
         return merge.check(s)
     return preflight.prepare(s, s.resolved_run_id(), dry=True).report
 
@@ -42,6 +42,7 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
     if s.stage == "merge":  # no data, no training: its own module
         from job.stages import merge
 
+        preflight.libraries(s)
         return merge.run(s)
     stop = stop or StopSignal()
     phases.begin()
@@ -54,11 +55,9 @@ def run(s: JobSettings, *, stop: StopSignal | None = None, progress_bar: bool = 
 
 
 def _run(s: JobSettings, run_id: str, state, lock, stop: StopSignal, progress_bar: bool) -> str:
-    """The run, holding its lock."""
-    import torch
-
+    """The run, holding its lock. The training libraries are imported by the preflight, once the settings, storage
+    and data are checked (job/preflight.py `libraries`)."""
     phases.mark("imports")
-    from job import evaluate, outputs
 
     started = datetime.now(timezone.utc)
     t0 = time.monotonic()
@@ -69,6 +68,10 @@ def _run(s: JobSettings, run_id: str, state, lock, stop: StopSignal, progress_ba
     with _first_process_per_node():
         plan = preflight.prepare(s, run_id, main=state.is_main_process, world_size=state.num_processes)
     phases.mark("preflight")
+    import torch
+
+    from job import divergence, evaluate, outputs
+
     remote = plan.remote
     if plan.state == "succeeded":
         log.info("run %s already succeeded at %s; nothing to do", run_id, remote)
@@ -233,6 +236,8 @@ def _oom_message(s: JobSettings, used: dict) -> str:
 
 def _train_once(s, plan, base_dir, stop, progress_bar, *, forced, used):
     from job import evaluate, outputs
+    from job.checkpoints import CheckpointCallback, pull_latest
+    from job.divergence import DivergenceCallback
     from job.model import load_adapter, load_base_model
     from job.stages import dpo, sft
 

@@ -1,10 +1,12 @@
 """Every check that can run before the weights are downloaded or a GPU warms up. `run` and `--check` call the same
 function, so `--check` (the Kubernetes init-container gate) fails on exactly what the run would fail on.
 
-In order, cheapest and most common mistakes first (the settings themselves, TRL's configs included, were checked
-when they were loaded):
+In order, cheapest and most common mistakes first (the settings themselves were checked when they were loaded; a
+run and --check load them with `trl="later"`, which leaves TRL's and PEFT's own checks to `libraries` below):
 1. scratch and output are writable: a probe under JOB_WORKDIR and under the run's output prefix;
-2. the data is pulled, read and validated row by row (file and row in every error);
+2. the data is pulled, read and validated row by row (file and row in every error); these two need no training
+   library, so their mistakes (and the settings') are reported in well under a second; then `libraries`: the
+   training stack's import (10-20 s) and the JOB_TRAIN__/JOB_DPO__/JOB_LORA__ settings only TRL and PEFT can check;
 3. the base model and adapter are identified without their weights (Hub commit, S3 ETags, local files), and their
    small files fetched: tokenizer, config.json, generation_config.json, the adapter;
 4. the model's modules, built on the meta device from config.json: JOB_LORA__TARGET_MODULES must name some, and
@@ -492,11 +494,28 @@ def planned_steps(s: JobSettings, fitted: sequences.Fitted, world_size: int = 1)
                                              s.train.gradient_accumulation_steps)}
 
 
+def libraries(s: JobSettings) -> None:
+    """The training stack, imported once everything that needs none of it is checked (settings, storage, data,
+    prompts), so that those mistakes are reported in about a second, not after 10-20 s of imports: torch,
+    transformers, PEFT, TRL, bitsandbytes and the stage's own modules, as the run will use them (job/phases.py:
+    `checks` ends before them, `libraries` after). Then the settings only TRL's and PEFT's own classes can check."""
+    import importlib
+
+    from job import logs, phases
+    from job.settings import check_library_settings
+
+    phases.mark("checks")
+    logs.route_libraries()  # before they log anything
+    for name in ("torch", "job.model", "job.checkpoints", "job.divergence", "job.outputs", f"job.stages.{s.stage}"):
+        importlib.import_module(name)
+    phases.mark("libraries")
+    check_library_settings(s)
+
+
 def prepare(s: JobSettings, run_id: str, *, dry: bool = False, main: bool = True, world_size: int = 1) -> Plan:
     """All checks, in order. `dry` (--check) reads but never writes or deletes anything but the probes; `main`: this
     is the process that uploads (rank 0), which alone probes the output and acts on JOB_RESTART."""
     from job import evaluate
-    from job.model import load_tokenizer
 
     remote = storage.parse_uri(s.output).join(run_id)
     workdir = Path(s.workdir) / run_id
@@ -504,9 +523,11 @@ def prepare(s: JobSettings, run_id: str, *, dry: bool = False, main: bool = True
     inputs = read_data(s, workdir)
     log.info("data: %d training and %d eval records from %d files", len(inputs.train), len(inputs.eval), len(inputs.files))
     prompts = evaluate.load_prompts(s, inputs, workdir, token(s))  # for the before/after answers (job/evaluate.py)
+    libraries(s)
 
     models = check_models(s, workdir)
     base_dir, adapter_dir, model_identity = models.base_dir, models.adapter_dir, models.identity
+    from job.model import load_tokenizer
 
     tokenizer, prompt_format = load_tokenizer(base_dir, adapter_dir, s.prompt_format, eos_token=s.train.eos_token)
     stops = sequences.stop_ids(tokenizer, base_dir)

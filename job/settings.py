@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from job.errors import ConfigError
@@ -269,6 +269,10 @@ class JobSettings(BaseSettings):
         allow_inf_nan=False,
     )
 
+    #: The JOB_ variables whose check against TRL's and PEFT's classes `load_settings(trl="later")` left to
+    #: `check_library_settings` (None: nothing left).
+    _library_checks: dict[str, str] | None = PrivateAttr(default=None)
+
     #: `merge`: JOB_ADAPTER merged into JOB_BASE_MODEL loaded in 16 bits (job/stages/merge.py); it reads no data.
     stage: Literal["sft", "dpo", "merge"]
     #: `hf://org/model[@revision]` (or `org/model`), `s3://bucket/prefix/`, or a local directory.
@@ -442,30 +446,19 @@ def _suggest(name: str, known: set[str]) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
-def load_settings(environ: Mapping[str, str] | None = None, *, trl: bool = True) -> JobSettings:
+def load_settings(environ: Mapping[str, str] | None = None, *, trl: bool | Literal["later"] = True) -> JobSettings:
     """Build the settings from `environ` (default: the process environment).
 
     Raises ConfigError naming every missing, invalid or unknown JOB_ variable at once; values of secret
-    variables and of unknown variables (a mistyped secret, say) are never included. `trl=False` (--print-config)
-    skips the check of JOB_TRAIN__*/JOB_DPO__* values against TRL's config classes, which imports the training
-    stack (seconds); the variables it leaves unchecked are logged.
+    variables and of unknown variables (a mistyped secret, say) are never included. The JOB_TRAIN__*/JOB_DPO__*/
+    JOB_LORA__* names and values beyond the job's own fields are checked against TRL's and PEFT's config classes,
+    which imports the training stack (torch, transformers, PEFT, TRL: 10-20 s): `trl=True` does that here;
+    `trl="later"` (a run and --check) leaves it to `check_library_settings`, which job/preflight.py calls once the
+    storage and the data are checked, so that their mistakes are reported in about a second; `trl=False`
+    (--print-config) skips it and logs the variables it leaves unchecked.
     """
     env = dict(os.environ if environ is None else environ)
-    known = _known_env_names()
-    problems: list[str] = []
-    trl_names: list[tuple[str, str, str]] = []  # (variable, group, field) in JOB_TRAIN__/JOB_DPO__ beyond our fields
-    lora_names: list[tuple[str, str]] = []  # (variable, field) in JOB_LORA__ beyond our fields: PEFT's LoraConfig's?
-    for name in sorted(k for k in env if k.upper().startswith(PREFIX)):
-        if name.upper().startswith(f"{PREFIX}LORA{DELIM}") and name.upper() not in known:
-            lora_names.append((name, name[len(f"{PREFIX}LORA{DELIM}"):].lower()))
-            continue
-        group = next((g for g in OPEN_GROUPS if name.upper().startswith(f"{PREFIX}{g}{DELIM}".upper())), None)
-        if group:
-            if name.upper() not in known:  # maybe a field of TRL's config: checked against it below
-                trl_names.append((name, group, name[len(PREFIX) + len(group) + len(DELIM):].lower()))
-            continue
-        if name.upper() not in known and name.upper() not in FOREIGN_VARS:
-            problems.append(f"{name}: unknown variable{_suggest(name.upper(), known)}")
+    problems, trl_names, lora_names = _scan(env)
     token = _environ.set(env)
     try:
         settings = JobSettings()
@@ -484,31 +477,82 @@ def load_settings(environ: Mapping[str, str] | None = None, *, trl: bool = True)
         settings = None
     finally:
         _environ.reset(token)
-    # Every JOB_TRAIN__*/JOB_DPO__* value through TRL's own config classes, now, not after the downloads: the names
-    # at once with the problems above (importing TRL costs seconds: only when there are such names), then the values.
-    if not trl:
-        if problems:
-            raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    if trl is True or (trl == "later" and problems):
+        # Every name at once with the problems above (importing TRL or PEFT costs seconds: only when such names are
+        # set); "later" leaves them to the preflight only when nothing else is wrong.
+        problems += _library_name_problems(env, trl_names, lora_names)
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    assert settings is not None
+    if trl is False:
         for name, _, _ in trl_names:
             logging.getLogger("job").warning("%s: passed to TRL, not checked here (--check and a run check it)", name)
         for name, _ in lora_names:
             logging.getLogger("job").warning("%s: passed to PEFT's LoraConfig, not checked here (--check and a run check "
                                              "it)", name)
-        assert settings is not None
-        return settings
-    from job import lora, trainargs
+    elif trl is True:
+        _check_library_values(settings)
+    else:
+        settings._library_checks = {k: v for k, v in env.items() if k.upper().startswith(PREFIX)}
+    return settings
 
-    problems += lora.name_problems(lora_names)
-    if trl_names:
-        stage = str(env.get(f"{PREFIX}STAGE", "")).strip().lower()
-        problems += trainargs.name_problems(trl_names, stage if stage in ("sft", "dpo") else None)
+
+def check_library_settings(settings: JobSettings) -> None:
+    """What `load_settings(trl="later")` left, if anything: every JOB_TRAIN__*/JOB_DPO__* and JOB_LORA__* name beyond
+    the job's own fields, then every value, through TRL's and PEFT's own config classes (imports them). Raises
+    ConfigError naming each variable."""
+    env = settings._library_checks
+    if env is None:
+        return
+    _, trl_names, lora_names = _scan(env)
+    problems = _library_name_problems(env, trl_names, lora_names)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
-    assert settings is not None
+    _check_library_values(settings)
+    settings._library_checks = None
+
+
+def _scan(env: dict) -> tuple[list[str], list[tuple[str, str, str]], list[tuple[str, str]]]:
+    """(unknown JOB_ variables, (variable, group, field) in JOB_TRAIN__/JOB_DPO__ beyond our fields, (variable, field)
+    in JOB_LORA__ beyond our fields): the last two are maybe TRL's or PEFT's fields, checked against their classes."""
+    known = _known_env_names()
+    problems: list[str] = []
+    trl_names: list[tuple[str, str, str]] = []
+    lora_names: list[tuple[str, str]] = []
+    for name in sorted(k for k in env if k.upper().startswith(PREFIX)):
+        if name.upper().startswith(f"{PREFIX}LORA{DELIM}") and name.upper() not in known:
+            lora_names.append((name, name[len(f"{PREFIX}LORA{DELIM}"):].lower()))
+            continue
+        group = next((g for g in OPEN_GROUPS if name.upper().startswith(f"{PREFIX}{g}{DELIM}".upper())), None)
+        if group:
+            if name.upper() not in known:  # maybe a field of TRL's config: checked against it below
+                trl_names.append((name, group, name[len(PREFIX) + len(group) + len(DELIM):].lower()))
+            continue
+        if name.upper() not in known and name.upper() not in FOREIGN_VARS:
+            problems.append(f"{name}: unknown variable{_suggest(name.upper(), known)}")
+    return problems, trl_names, lora_names
+
+
+def _library_name_problems(env: dict, trl_names: list[tuple[str, str, str]], lora_names: list[tuple[str, str]]) -> list[str]:
+    problems = []
+    if lora_names:  # job.lora imports torch and PEFT
+        from job import lora
+
+        problems += lora.name_problems(lora_names)
+    if trl_names:
+        from job import trainargs
+
+        stage = str(env.get(f"{PREFIX}STAGE", "")).strip().lower()
+        problems += trainargs.name_problems(trl_names, stage if stage in ("sft", "dpo") else None)
+    return problems
+
+
+def _check_library_values(settings: JobSettings) -> None:
+    from job import lora, trainargs
+
     problems = lora.problems(settings) + trainargs.problems(settings)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
-    return settings
 
 
 def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:

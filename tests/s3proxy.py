@@ -68,6 +68,13 @@ class S3Proxy:
             except OSError:
                 pass
 
+    def wait_up(self) -> None:
+        """Return once an outage started by `down` is over."""
+        with self._lock:
+            left = self._down_until - time.monotonic()
+        if left > 0:
+            time.sleep(left)
+
     def fail(self, status: int, *, method: str | None = None, path: str | None = None, times: int | None = 1) -> None:
         """Answer matching requests with `status` and S3's error body (`times` of them; None: all)."""
         self._rules.append(_Rule(method, re.compile(path) if path else None, times, status=status))

@@ -175,6 +175,9 @@ def test_attempts_cut_short_by_storage_or_kill_9_resume_until_one_completes(job,
     _clean(r)
     assert "S3 request failed after retries" in r.stderr
     assert _complete(s3, run_id) == ["checkpoint-2"] and not _succeeded(s3, run_id)
+    # A retried pod starts seconds later; the job reaches storage within a second of its start (before the training
+    # stack's import), so the next attempt starts once the outage is over, as the retry would find it.
+    proxy.wait_up()
 
     # 2. Resumes from checkpoint-2, trains to step 4; the server goes away during the final upload: 75 again.
     proxy.when("PUT", FINAL.format(run_id), lambda: proxy.down(3))
@@ -183,6 +186,7 @@ def test_attempts_cut_short_by_storage_or_kill_9_resume_until_one_completes(job,
     _clean(r)
     assert f"resuming from s3://{s3.bucket}/runs/{run_id}/checkpoints/checkpoint-2" in r.stderr
     assert _complete(s3, run_id) == ["checkpoint-4"] and not _succeeded(s3, run_id)
+    proxy.wait_up()
 
     # 3. kill -9 in the middle of the final upload, once two of its files are stored.
     proc = subprocess.Popen([sys.executable, "-m", "job"], env=job(run_id, 3), cwd=ROOT, stdout=subprocess.DEVNULL,

@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -120,10 +119,14 @@ def test_oom_with_checkpointing_off_starts_again_with_it_on(tiny_model, tmp_path
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, ExitCode.INTERRUPTED), (signal.SIGTERM, ExitCode.PREEMPTED)])
 def test_a_signal_while_the_job_is_starting_stops_it_quietly(sig, code, tmp_path):
-    env = job_env(JOB_STAGE="sft", JOB_BASE_MODEL=str(tmp_path), JOB_DATA=str(tmp_path), JOB_OUTPUT=str(tmp_path / "o"))
+    env = job_env(JOB_STAGE="sft", JOB_BASE_MODEL=str(tmp_path), JOB_DATA=str(DEMO_DATA / "sft.jsonl"),
+                  JOB_OUTPUT=str(tmp_path / "o"), JOB_WORKDIR=str(tmp_path / "w"), JOB_LOG_FORMAT="json")
     proc = subprocess.Popen([sys.executable, "-m", "job", "--check"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    time.sleep(0.8)  # Python is up and importing torch, transformers and TRL (--check needs them; --print-config no longer does)
+    # The data is checked (its log line) in well under a second; then the job imports torch, transformers and TRL
+    # (seconds, --check needs them), and (tmp_path holding no model) would fail at the model's check after that.
+    first = proc.stderr.readline()
+    assert '"msg": "data: 24 training' in first, first
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err[-2000:]
