@@ -57,7 +57,7 @@ RUN apt-get update \
 COPY --from=build /opt/torch /opt/torch
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/app /opt/app
-COPY entrypoint.sh docker/launch.py /opt/qlora-job/
+COPY entrypoint.sh docker/launch.py docker/gpus.py /opt/qlora-job/
 
 # The root filesystem can be read-only: everything is written to /tmp (HOME too: Triton's compiled kernels, which
 # are loaded from there, so /tmp must not be noexec), /work (the job's scratch: downloads, checkpoints) or

@@ -36,8 +36,9 @@ if [ "$#" -gt 0 ]; then
     exec python -m job "$@"
 fi
 
-# NVML counts the visible GPUs (CUDA_VISIBLE_DEVICES included) without starting CUDA in this short-lived process.
-nproc=${NPROC_PER_NODE:-$(PYTORCH_NVML_BASED_CUDA_CHECK=1 python -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)}
+# The GPUs this container may use, as torch would count them (CUDA_VISIBLE_DEVICES included), from NVML without
+# importing torch (2-3 s at every start; gpus.py).
+nproc=${NPROC_PER_NODE:-$(python "$(dirname "$0")/gpus.py" 2>/dev/null || echo 0)}
 case "$nproc" in
     '' | *[!0-9]*)
         echo "entrypoint: NPROC_PER_NODE must be a whole number, not '$nproc'" >&2

@@ -101,7 +101,7 @@ def _entrypoint_sandbox(tmp_path: Path, gpus: int) -> tuple[Path, dict]:
     box = tmp_path / "opt"
     box.mkdir()
     shutil.copy(ROOT / "entrypoint.sh", box / "entrypoint.sh")
-    (box / "python").write_text(f'#!/bin/sh\n[ "$1" = -c ] && {{ echo {gpus}; exit 0; }}\necho "python $*"\n')
+    (box / "python").write_text(f'#!/bin/sh\ncase "$1" in */gpus.py) echo {gpus}; exit 0;; esac\necho "python $*"\n')
     (box / "python").chmod(0o755)
     env = {"PATH": f"{box}:/usr/bin:/bin", "HOME": str(tmp_path), "TMPDIR": str(tmp_path),
            "HF_HOME": str(tmp_path / "hf"), "JOB_WORKDIR": str(tmp_path / "work")}
@@ -125,6 +125,80 @@ def test_entrypoint_starts_one_process_per_gpu_and_passes_options_through(tmp_pa
     r = subprocess.run(["sh", str(box / "entrypoint.sh"), *args], env={**base, **env}, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == expected.format(box=box)
+
+
+FAKE_NVML = r"""
+#include <stdlib.h>
+#include <string.h>
+/* libnvidia-ml's calls that torch and docker/gpus.py make, answering from FAKE_NVML_COUNT and FAKE_NVML_UUIDS. */
+static int count(void) { const char *c = getenv("FAKE_NVML_COUNT"); return c ? atoi(c) : 0; }
+int nvmlInit(void) { return getenv("FAKE_NVML_FAIL") ? 999 : 0; }
+int nvmlInit_v2(void) { return nvmlInit(); }
+int nvmlShutdown(void) { return 0; }
+int nvmlDeviceGetCount_v2(int *n) { *n = count(); return 0; }
+int nvmlDeviceGetHandleByIndex_v2(unsigned i, void **h) { if ((int)i >= count()) return 2; *h = (void *)(size_t)(i + 1); return 0; }
+int nvmlDeviceGetUUID(void *h, char *buf, unsigned len) {
+    int want = (int)(size_t)h - 1, i = 0;
+    const char *u = getenv("FAKE_NVML_UUIDS"), *p = u ? u : "";
+    while (i < want && (p = strchr(p, ',')) != NULL) { p++; i++; }
+    if (p == NULL) return 2;
+    size_t n = strcspn(p, ",");
+    if (n + 1 > len) return 7;
+    memcpy(buf, p, n); buf[n] = 0;
+    return 0;
+}
+"""
+
+COMPARE_COUNTS = """
+import json, os, sys, warnings
+warnings.simplefilter("ignore")
+sys.path.insert(0, sys.argv[1])
+import torch.cuda
+import gpus
+out = []
+for gpus_count, uuids, visible in json.loads(sys.argv[2]):
+    os.environ["FAKE_NVML_COUNT"] = str(gpus_count)
+    os.environ["FAKE_NVML_UUIDS"] = ",".join(uuids)
+    if visible is None:
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    theirs = torch.cuda._device_count_nvml()
+    out.append([theirs if theirs >= 0 else None, gpus.nvml_count()])
+print(json.dumps(out))
+"""
+
+
+def test_the_entrypoints_gpu_count_is_torchs_without_importing_torch(tmp_path):
+    """docker/gpus.py counts the GPUs as torch does (CUDA_VISIBLE_DEVICES: ordinals, UUID prefixes, repeats,
+    invalid entries), from NVML: checked against torch's own NVML count over a stand-in libnvidia-ml built here,
+    in one process, case by case (not "-", on which torch 2.13 raises ValueError; gpus.py reads it as invalid). None: NVML can't tell (MIG), where torch asks the CUDA driver and so does gpus.py."""
+    if not shutil.which("gcc"):
+        pytest.skip("needs gcc to build the stand-in libnvidia-ml")
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (tmp_path / "nvml.c").write_text(FAKE_NVML)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(lib / "libnvidia-ml.so.1"), str(tmp_path / "nvml.c")], check=True)
+    uuids = ["GPU-1a2b3c4d-0000", "GPU-1a2b9999-1111", "GPU-77ee0000-2222", "GPU-0f0f0f0f-3333"]
+    visible = [None, "", "0", "1", "3", "7", "0,1", "1,0", "0,0", "1,2,1", "0,5,1", "0,-1,1", "-1", " 1, 2", "2a,0", "+1",
+               "abc", "GPU-1a2b3c4d", "GPU-1a2b", "GPU-77ee,GPU-0f", "GPU-77ee,GPU-77ee0", "GPU-0f,GPU-zz,GPU-77",
+               "GPU-0f,1", "MIG-abc"]
+    cases = [[n, uuids[:n], v] for n in (0, 1, 2, 4) for v in visible]
+    env = {**os.environ, "LD_LIBRARY_PATH": str(lib)}
+    r = subprocess.run([sys.executable, "-c", COMPARE_COUNTS, str(ROOT / "docker"), json.dumps(cases)], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads(r.stdout)
+    assert [c for c, (theirs, ours) in zip(cases, results) if theirs != ours] == []
+    # The cases tell the rules apart (not all 0 or all None), and the stand-in answers as a 4-GPU host would.
+    counts = dict(zip((tuple(c[::2]) for c in cases), (ours for _, ours in results)))
+    assert counts[(4, None)] == 4 and counts[(4, "1,0")] == 2 and counts[(4, "0,5,1")] == 1 and counts[(4, "0,0")] == 0
+    assert counts[(4, "GPU-77ee,GPU-0f")] == 2 and counts[(4, "GPU-1a2b")] == 0 and counts[(4, "MIG-abc")] is None
+    # Without libnvidia-ml or a CUDA driver (this CPU host), the entrypoint's count is 0 at once, torch not imported.
+    r = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "docker" / "gpus.py")], capture_output=True,
+                       text=True, timeout=60, env={k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"})
+    assert r.returncode == 0 and r.stdout.strip() == "0", r.stderr[-2000:]
+    assert not any(line.rsplit("|", 1)[-1].strip() == "torch" for line in r.stderr.splitlines())
 
 
 def test_entrypoint_refuses_unwritable_dirs_and_a_bad_process_count(tmp_path):

@@ -503,7 +503,7 @@ def test_multinode_torchrun_settings_match_the_jobset():
     assert c["command"][:3] == ["env", "-u", "JOB_COMPLETION_INDEX"]
     # launch.py (in the image beside entrypoint.sh): torchrun, exiting with the worker's code for the failure policy.
     assert c["command"][3:] == ["python", "/opt/qlora-job/launch.py", "--module", "job"]
-    assert "COPY entrypoint.sh docker/launch.py /opt/qlora-job/" in (ROOT / "Dockerfile").read_text()
+    assert "COPY entrypoint.sh docker/launch.py docker/gpus.py /opt/qlora-job/" in (ROOT / "Dockerfile").read_text()
 
 
 def test_multinode_pod_template_comes_from_the_base():
