@@ -6,14 +6,13 @@ memory plan"); the planner's code path for a GPU runs here with the GPU's answer
 from __future__ import annotations
 
 import json
-import math
 import random
 import sys
 import types
 
 import pytest
 
-from conftest import DEMO_DATA, ROOT, four_bit_lora_model, run_sft_in_process, tokenized
+from conftest import ROOT, four_bit_lora_model, run_sft_in_process, tokenized
 
 GIB = 2**30
 BASE = {"JOB_BASE_MODEL": "/m", "JOB_DATA": "/d", "JOB_OUTPUT": "/o"}
