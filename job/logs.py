@@ -93,9 +93,10 @@ def setup(log_format: str, secrets: list[str], libraries: bool = True) -> bool:
     """Configure the root logger; returns True when logs are JSON lines (no progress bar). `libraries`: also route
     transformers' and datasets' logs through it (`route_libraries`: imports them, which the command line leaves to
     the preflight, once the settings and data are checked)."""
-    global _secrets, _as_json
+    global _secrets, _as_json, _configured
     _secrets = sorted(set(secrets), key=len, reverse=True)
     as_json = _as_json = use_json(log_format)
+    _configured = True
     handler = _Handler(sys.stderr)
     handler.addFilter(_RedactFilter())
     handler.setFormatter(_JsonFormatter() if as_json else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
@@ -115,11 +116,15 @@ def setup(log_format: str, secrets: list[str], libraries: bool = True) -> bool:
 
 
 _as_json = False
+_configured = False  # setup() ran: this process's logging is the job's (not a library user's, or a test's)
 
 
 def route_libraries() -> None:
     """Route transformers' and datasets' logs through the root logger's handler (and its redaction), and keep their
-    progress bars off in JSON mode. Imports both (about 2 s on 2 CPU cores)."""
+    progress bars off in JSON mode; nothing unless `setup` configured this process's logging. Imports both (about
+    2 s on 2 CPU cores)."""
+    if not _configured:
+        return
     import transformers
     import datasets
 
