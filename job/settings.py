@@ -269,9 +269,9 @@ class JobSettings(BaseSettings):
         allow_inf_nan=False,
     )
 
-    #: The JOB_ variables whose check against TRL's and PEFT's classes `load_settings(trl="later")` left to
-    #: `check_library_settings` (None: nothing left).
-    _library_checks: dict[str, str] | None = PrivateAttr(default=None)
+    #: What `load_settings(trl="later")` left to `check_library_settings`: the names beyond the job's own fields in
+    #: JOB_TRAIN__/JOB_DPO__ and in JOB_LORA__ (None: nothing left).
+    _library_checks: tuple[list[tuple[str, str, str]], list[tuple[str, str]]] | None = PrivateAttr(default=None)
 
     #: `merge`: JOB_ADAPTER merged into JOB_BASE_MODEL loaded in 16 bits (job/stages/merge.py); it reads no data.
     stage: Literal["sft", "dpo", "merge"]
@@ -480,7 +480,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, trl: bool | Liter
     if trl is True or (trl == "later" and problems):
         # Every name at once with the problems above (importing TRL or PEFT costs seconds: only when such names are
         # set); "later" leaves them to the preflight only when nothing else is wrong.
-        problems += _library_name_problems(env, trl_names, lora_names)
+        problems += _library_name_problems(env.get(f"{PREFIX}STAGE"), trl_names, lora_names)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     assert settings is not None
@@ -493,7 +493,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, trl: bool | Liter
     elif trl is True:
         _check_library_values(settings)
     else:
-        settings._library_checks = {k: v for k, v in env.items() if k.upper().startswith(PREFIX)}
+        settings._library_checks = (trl_names, lora_names)
     return settings
 
 
@@ -501,11 +501,10 @@ def check_library_settings(settings: JobSettings) -> None:
     """What `load_settings(trl="later")` left, if anything: every JOB_TRAIN__*/JOB_DPO__* and JOB_LORA__* name beyond
     the job's own fields, then every value, through TRL's and PEFT's own config classes (imports them). Raises
     ConfigError naming each variable."""
-    env = settings._library_checks
-    if env is None:
+    if settings._library_checks is None:
         return
-    _, trl_names, lora_names = _scan(env)
-    problems = _library_name_problems(env, trl_names, lora_names)
+    trl_names, lora_names = settings._library_checks
+    problems = _library_name_problems(settings.stage, trl_names, lora_names)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     _check_library_values(settings)
@@ -533,7 +532,8 @@ def _scan(env: dict) -> tuple[list[str], list[tuple[str, str, str]], list[tuple[
     return problems, trl_names, lora_names
 
 
-def _library_name_problems(env: dict, trl_names: list[tuple[str, str, str]], lora_names: list[tuple[str, str]]) -> list[str]:
+def _library_name_problems(stage: str | None, trl_names: list[tuple[str, str, str]],
+                           lora_names: list[tuple[str, str]]) -> list[str]:
     problems = []
     if lora_names:  # job.lora imports torch and PEFT
         from job import lora
@@ -542,7 +542,7 @@ def _library_name_problems(env: dict, trl_names: list[tuple[str, str, str]], lor
     if trl_names:
         from job import trainargs
 
-        stage = str(env.get(f"{PREFIX}STAGE", "")).strip().lower()
+        stage = str(stage or "").strip().lower()
         problems += trainargs.name_problems(trl_names, stage if stage in ("sft", "dpo") else None)
     return problems
 

@@ -94,7 +94,7 @@ def test_cli_help_lists_exit_codes():
     assert "--check" in text and "--print-config" in text and "6 diverged" in text and "75 transient" in text
 
 
-@pytest.mark.parametrize("extra, message", [
+TRL_PROBLEMS = [
     ({"JOB_TRAIN__OPTIM": "adamw_foo"}, "JOB_TRAIN__OPTIM: adamw_foo is not a valid OptimizerNames"),
     ({"JOB_TRAIN__LR_SCHEDULER_TYPE": "cosin"}, "JOB_TRAIN__LR_SCHEDULER_TYPE: cosin is not a valid SchedulerType"),
     ({"JOB_STAGE": "dpo", "JOB_DPO__LOSS_TYPE": "sigmod"}, "JOB_DPO__LOSS_TYPE: unknown loss type 'sigmod'"),
@@ -104,11 +104,28 @@ def test_cli_help_lists_exit_codes():
     ({"JOB_TRAIN__OUTPUT_DIR": "/x"}, "JOB_TRAIN__OUTPUT_DIR: set by the job; use JOB_OUTPUT"),
     ({"JOB_TRAIN__TRUNCATION_MODE": "keep_end"}, "JOB_TRAIN__TRUNCATION_MODE: set by the job; use JOB_TRAIN__OVER_LENGTH"),
     ({"JOB_STAGE": "dpo", "JOB_DPO__BETTA": "0.2"}, "JOB_DPO__BETTA: unknown variable: not a field of TRL's DPOConfig (did you mean JOB_DPO__BETA?)"),
-])
+    ({"JOB_LORA__USE_DORAA": "true"}, "JOB_LORA__USE_DORAA: unknown variable: not a LoRA setting or a field of PEFT's LoraConfig"),
+]
+
+
+@pytest.mark.parametrize("extra, message", TRL_PROBLEMS)
 def test_training_values_go_through_trls_own_configs(extra, message):
     with pytest.raises(ConfigError) as e:
         load_settings({**BASE, **extra})
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("extra, message", TRL_PROBLEMS)
+def test_a_run_checks_the_same_values_once_its_data_is_checked(extra, message):
+    """A run and --check load the settings with trl="later" (job/preflight.py checks storage and data first, without
+    the training stack): the same problem, the same message, from check_library_settings."""
+    from job.settings import check_library_settings
+
+    s = load_settings({**BASE, **extra}, trl="later")
+    with pytest.raises(ConfigError) as e:
+        check_library_settings(s)
+    assert message in str(e.value)
+    check_library_settings(load_settings(BASE, trl="later"))  # nothing to say about the defaults
 
 
 def test_any_field_of_the_stages_trl_config_can_be_set_by_name():
