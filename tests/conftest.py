@@ -155,8 +155,15 @@ def job_env(**extra: str) -> dict:
     return env
 
 
-def run_job(env: dict, *args: str, timeout: int = 600, **popen) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "job", *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT, **popen)
+def run_job(env: dict, *args: str, timeout: int = 600, python: tuple[str, ...] = (), **popen) -> subprocess.CompletedProcess:
+    """`python -m job ARGS`; `python`: the interpreter's own options first (e.g. ("-X", "importtime"))."""
+    return subprocess.run([sys.executable, *python, "-m", "job", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, **popen)
+
+
+def imported_modules(stderr: str) -> set[str]:
+    """The modules a process imported, from its `python -X importtime` lines on stderr."""
+    return {line.rsplit("|", 1)[-1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
 
 
 def _tree(proc: subprocess.Popen) -> list:

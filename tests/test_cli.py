@@ -6,9 +6,11 @@ from pathlib import Path
 
 from job.exitcodes import PERMANENT, RETRYABLE, ExitCode
 
-from conftest import DEMO_DATA, job_env, run_job
+from conftest import DEMO_DATA, imported_modules, job_env, run_job
 
 ROOT = Path(__file__).resolve().parents[1]
+IMPORTTIME = ("-X", "importtime")  # the modules a run imports, on stderr (conftest.imported_modules)
+TRAINING_STACK = {"torch", "transformers", "trl", "datasets", "peft", "bitsandbytes", "accelerate"}
 
 
 def test_readme_exit_code_table_matches_the_code():
@@ -111,21 +113,13 @@ def test_print_config_answers_without_importing_the_training_stack():
     can't check without them are listed, for --check."""
     env = job_env(JOB_STAGE="sft", JOB_BASE_MODEL="org/model", JOB_DATA="/data/d.jsonl", JOB_OUTPUT="/out",
                   JOB_TRAIN__NEFTUNE_NOISE_ALPHA="5", JOB_LOG_FORMAT="json")
-    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "job", "--print-config"], env=env, cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    r = run_job(env, "--print-config", python=IMPORTTIME, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout)["train"]["neftune_noise_alpha"] == "5"
-    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    imported = imported_modules(r.stderr)
     assert "job.settings" in imported  # the measurement works
-    assert not imported & {"torch", "transformers", "trl", "datasets", "peft", "bitsandbytes", "accelerate"}
+    assert not imported & TRAINING_STACK
     assert "JOB_TRAIN__NEFTUNE_NOISE_ALPHA: passed to TRL, not checked here (--check and a run check it)" in r.stderr
-
-
-def _imported(stderr: str) -> set[str]:
-    return {line.rsplit("|", 1)[-1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
-
-
-TRAINING_STACK = {"torch", "transformers", "trl", "datasets", "peft", "bitsandbytes", "accelerate"}
 
 
 def test_settings_storage_and_data_mistakes_are_reported_before_the_training_stack_is_imported(tmp_path):
@@ -145,14 +139,12 @@ def test_settings_storage_and_data_mistakes_are_reported_before_the_training_sta
     ]
     for extra, code, message in cases:
         for args in ((), ("--check",)):
-            r = subprocess.run([sys.executable, "-X", "importtime", "-m", "job", *args], env=job_env(**{**base, **extra}),
-                               cwd=ROOT, capture_output=True, text=True, timeout=120)
+            r = run_job(job_env(**{**base, **extra}), *args, python=IMPORTTIME, timeout=120)
             assert r.returncode == code and message in r.stderr, (extra, args, r.stderr[-2000:])
-            imported = _imported(r.stderr)
+            imported = imported_modules(r.stderr)
             assert "job.settings" in imported and not imported & TRAINING_STACK, (extra, args, imported & TRAINING_STACK)
     # The control: TRL's names need TRL. Still exit 2 naming the variable, before the (missing) model is looked at.
-    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "job"], env=job_env(**base, JOB_TRAIN__LEARNING_RAT="1"),
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = run_job(job_env(**base, JOB_TRAIN__LEARNING_RAT="1"), python=IMPORTTIME, timeout=300)
     assert r.returncode == ExitCode.CONFIG, r.stderr[-2000:]
     assert "JOB_TRAIN__LEARNING_RAT: unknown variable: not a field of TRL's SFTConfig (did you mean JOB_TRAIN__LEARNING_RATE?)" in r.stderr
-    assert {"transformers", "trl"} <= _imported(r.stderr) and "no-model" not in r.stderr
+    assert {"transformers", "trl"} <= imported_modules(r.stderr) and "no-model" not in r.stderr
